@@ -1,0 +1,80 @@
+"""The method-term contract (DESIGN.md, contract 3).
+
+A *term* is one weighted piece of the training objective. It sees the student's and the
+teacher's :class:`~fairdistill.models.Features`, the labels and the groups, and returns an
+unweighted scalar; the objective multiplies it by the term's (possibly annealed) weight.
+A term may own trainable modules (connectors, regressors, adversaries): by default they are
+optimised with the student; a term that needs its own optimizer sets ``optimizer``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models.base import FeatureModel, Features
+from ..registry import Registry
+
+TERMS: Registry = Registry("method term")
+"""Term classes by type name; each is constructed from its config options as keywords."""
+
+
+@dataclass
+class TermInput:
+    """Everything a term may read at one training (or evaluation) step."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    g: torch.Tensor
+    student: Features
+    teacher: Features | None
+    student_model: FeatureModel
+    teacher_model: FeatureModel | None
+    epoch: int = 0
+
+
+@dataclass
+class SetupContext:
+    """What a term may use once, before training, to size and initialise its modules.
+
+    ``student_features`` / ``teacher_features`` come from a dry forward of one training batch
+    (``sample_x``) in eval mode, so shapes are known. ``train_batches`` yields ``(x, y, g)``
+    training batches for terms that estimate statistics from data (e.g. OFD margins without BN).
+    """
+
+    student: FeatureModel
+    teacher: FeatureModel | None
+    student_features: Features
+    teacher_features: Features | None
+    sample_x: torch.Tensor
+    num_classes: int
+    num_groups: int
+    device: torch.device
+    train_batches: Any = None
+    terms: dict[str, "Term"] = field(default_factory=dict)
+
+
+class Term(nn.Module):
+    """Base class of method terms.
+
+    Class attributes say what the trainer must provide:
+    ``needs_teacher`` (a teacher model must be configured), ``needs_features`` (call
+    ``forward_features`` rather than ``forward``), ``teacher_grad`` (run the teacher with
+    autograd, e.g. for input Jacobians), ``input_grad`` (the input needs ``requires_grad``).
+    ``optimizer`` is None to train the term's parameters with the student's optimizer, or an
+    optimizer spec (same keys as the config's ``optim`` section) for a separate one.
+    """
+
+    needs_teacher: bool = True
+    needs_features: bool = True
+    teacher_grad: bool = False
+    input_grad: bool = False
+    optimizer: dict | None = None
+
+    def setup(self, ctx: SetupContext) -> None:
+        """Build modules whose sizes depend on the models; called once before training."""
+
+    def forward(self, inp: TermInput) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError

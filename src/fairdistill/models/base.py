@@ -1,0 +1,54 @@
+"""The feature contract every zoo model honours (DESIGN.md, contract 2)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..registry import Registry
+
+MODELS: Registry = Registry("model")
+"""Model builders: ``builder(num_classes=..., **options) -> FeatureModel``."""
+
+
+@dataclass
+class Features:
+    """What one forward pass exposes to distillation terms.
+
+    logits:    (B, num_classes), identical to ``model(x)``.
+    stages:    the pre-ReLU feature at the end of each stage, shallow to deep (OFD positions).
+    embedding: the penultimate representation, shape (B, ...); methods flatten it as needed.
+    extra:     model-specific named tensors (e.g. ``"block"`` post-activation stage outputs).
+    """
+
+    logits: torch.Tensor
+    stages: list[torch.Tensor]
+    embedding: torch.Tensor
+    extra: dict[str, list[torch.Tensor] | torch.Tensor] = field(default_factory=dict)
+
+
+class FeatureModel(nn.Module):
+    """A classifier that can also return its distillation points.
+
+    Subclasses set ``stage_channels`` (channels of each ``Features.stages`` entry) and
+    implement ``forward_features``; ``forward`` returns its logits. ``stage_bns`` returns, per
+    stage, the BatchNorm whose output is the stage feature (so its affine parameters give the
+    OFD margin), or None where no BatchNorm precedes that ReLU.
+    """
+
+    stage_channels: list[int]
+
+    def forward_features(self, x: torch.Tensor) -> Features:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x).logits
+
+    def stage_bns(self) -> list[nn.Module | None]:
+        return [None] * len(self.stage_channels)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (trainable or not) of ``model``."""
+    return sum(p.numel() for p in model.parameters())
