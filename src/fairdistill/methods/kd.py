@@ -1,1 +1,39 @@
-"""Placeholder: being written."""
+"""Hinton knowledge distillation (HKD): "Distilling the Knowledge in a Neural Network", 2015."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from .base import TERMS, Term, TermInput
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float = 4.0) -> torch.Tensor:
+    """T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes and averaged over the batch.
+
+    The T^2 factor keeps gradient magnitudes comparable across temperatures (Hinton et al.).
+    """
+    log_p_s = F.log_softmax(student_logits / T, dim=1)
+    log_p_t = F.log_softmax(teacher_logits / T, dim=1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
+    return kl.mean() * (T * T)
+
+
+@TERMS.register("kd")
+class KD(Term):
+    """Output distillation on logits.
+
+    Options: ``T`` temperature (> 0). The weight (and its linear annealing from ``weight`` to
+    ``weight_end``, the MFD supplement's 1.2) is set in the term's config.
+    """
+
+    needs_features = False
+
+    def __init__(self, T: float = 4.0):
+        super().__init__()
+        if not T > 0:
+            raise ConfigError(f"kd.T: temperature must be > 0, got {T}")
+        self.T = float(T)
+
+    def forward(self, inp: TermInput) -> torch.Tensor:
+        return kd_loss(inp.student.logits, inp.teacher.logits, self.T)

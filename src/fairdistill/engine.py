@@ -1,0 +1,469 @@
+"""The trainer: stages, optimizers, schedules, checkpoints, resume, progress and metrics.
+
+A run is built entirely before its first step (data, models, teacher, terms), so a bad config
+fails early. Every epoch draws its randomness (sampling, augmentation, dropout) from a seed
+derived from (seed, epoch), and the checkpoint after each epoch holds everything else, so a
+killed run resumed with ``resume=True`` ends with the metrics of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import __version__
+from .config import RunConfig, deep_merge, dump_yaml, from_dict, stage_list, to_dict, OptimConfig, ScheduleConfig, StageConfig
+from .data import BatchLoader, ImageDataset, build_dataset
+from .errors import ConfigError, RunDirError, TrainingError
+from .fairness import cell_counts, metrics_from_counts
+from .methods.base import SetupContext, TermInput
+from .methods.objective import Objective
+from .models import FeatureModel, Features, build_model, count_parameters
+from .progress import Progress
+from .rundir import RunDir, write_json, write_text
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's randomness, a function of the run's seed and the epoch only."""
+    return (seed * 1_000_003 + epoch * 7_919 + 12_345) % (2**31 - 1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} requested but CUDA is not available here; use device=cpu")
+    return torch.device(name)
+
+
+def set_bn_mode(model: nn.Module, bn_mode: str) -> None:
+    """Eval mode everywhere; with ``bn_mode="train"`` BatchNorm layers use batch statistics."""
+    model.eval()
+    if bn_mode == "train":
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
+
+
+def strip_prefix(state: dict, prefix: str = "module.") -> dict:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+def load_state(model: nn.Module, state: dict, where: str) -> None:
+    try:
+        model.load_state_dict(strip_prefix(state))
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise ConfigError(f"{where}: weights do not fit the model ({' '.join(first[:3])[:400]})") from None
+
+
+def read_run_config(run: RunDir) -> RunConfig:
+    import yaml
+
+    if not run.config.is_file():
+        raise RunDirError(f"{run.path}: not a run directory (no config.yaml)")
+    return from_dict(RunConfig, yaml.safe_load(run.config.read_text()), key="")
+
+
+def load_teacher(cfg: RunConfig, num_classes: int, device: torch.device) -> FeatureModel | None:
+    """The frozen teacher named by ``cfg.teacher`` (a finished run, or a checkpoint file + model)."""
+    t = cfg.teacher
+    if t.run:
+        run = RunDir(t.run)
+        if not run.finished:
+            raise ConfigError(f"teacher.run: {t.run} is not a finished run (no result.json); train the teacher first")
+        tcfg = read_run_config(run)
+        model = build_model(tcfg.model.name, num_classes, key="teacher.model", **tcfg.model.options)
+        load_state(model, run.load_checkpoint()["model"], f"teacher.run {t.run}")
+    elif t.checkpoint:
+        if t.model is None:
+            raise ConfigError("teacher.model: needed with teacher.checkpoint (name the architecture)")
+        model = build_model(t.model.name, num_classes, key="teacher.model", **t.model.options)
+        try:
+            state = torch.load(t.checkpoint, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise ConfigError(f"teacher.checkpoint: {t.checkpoint} does not exist") from None
+        except Exception as e:
+            raise ConfigError(f"teacher.checkpoint: {t.checkpoint} cannot be loaded safely ({e})") from None
+        for key in ("model", "state_dict"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+        load_state(model, state, f"teacher.checkpoint {t.checkpoint}")
+    else:
+        return None
+    model.to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def logits_only(logits: torch.Tensor) -> Features:
+    return Features(logits=logits, stages=[], embedding=logits)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: BatchLoader, num_classes: int, num_groups: int) -> dict:
+    """Mean CE loss, accuracy, DEO_A, DEO_M and cell accuracies of ``model`` on ``loader``."""
+    was_training = model.training
+    model.eval()
+    loss_sum, n = 0.0, 0
+    correct = total = None
+    for x, y, g in loader.epoch(0):
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        n += y.numel()
+        c, t = cell_counts(logits.argmax(1), y, g, num_classes, num_groups)
+        correct, total = (c, t) if correct is None else (correct + c, total + t)
+    model.train(was_training)
+    out = metrics_from_counts(correct, total)
+    out["loss"] = loss_sum / max(n, 1)
+    return out
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+@dataclass
+class Stage:
+    """A resolved stage: which terms run, with which optimizers and schedule."""
+
+    cfg: StageConfig
+    index: int
+    active: list[str]
+    optim: OptimConfig
+    schedule: ScheduleConfig
+    train_student: bool
+    trained_terms: list[str]
+    needs_features: bool
+    needs_teacher: bool
+    teacher_grad: bool
+    input_grad: bool
+
+
+def make_optimizer(params, spec: OptimConfig) -> torch.optim.Optimizer:
+    if spec.name == "adam":
+        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov, weight_decay=spec.weight_decay)
+
+
+def scheduled_lr(spec: ScheduleConfig, base_lr: float, epoch: int, epochs: int) -> float:
+    """Learning rate of ``epoch`` (0-based, within the stage) for the stateless schedules."""
+    if spec.name == "multistep":
+        return base_lr * spec.gamma ** sum(epoch >= m for m in spec.milestones)
+    if spec.name == "cosine":
+        return spec.min_lr + (base_lr - spec.min_lr) * 0.5 * (1 + math.cos(math.pi * epoch / max(epochs, 1)))
+    return base_lr
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Builds a run from a :class:`RunConfig` and trains it into its run directory.
+
+    ``callbacks`` are called as ``cb(trainer, record)`` after each epoch's checkpoint is
+    written (sweeps use them for progress; tests use them to simulate a kill).
+    """
+
+    def __init__(self, cfg: RunConfig, resume: bool = False, callbacks: list[Callable] = (), log=print):
+        self.cfg, self.resume, self.callbacks, self.log = cfg, resume, list(callbacks), log
+        self.run_dir = RunDir(cfg.out or f"runs/{cfg.name or 'run'}/seed{cfg.seed}")
+        self._check_run_dir()
+        self.device = resolve_device(cfg.device)
+        torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+        seed_everything(cfg.seed)
+        self._build_data()
+        self.student = build_model(cfg.model.name, self.num_classes, **cfg.model.options).to(self.device)
+        self.teacher = load_teacher(cfg, self.num_classes, self.device)
+        self.objective = Objective(cfg.terms).to(self.device)
+        self.stages = self._build_stages()
+        self._setup_terms()
+
+    # -- construction ----------------------------------------------------------
+
+    def _check_run_dir(self) -> None:
+        rd = self.run_dir
+        if rd.finished:
+            raise RunDirError(
+                f"{rd.path} already holds a finished run (result.json); it is never overwritten. "
+                "Choose another out=DIR, or evaluate it with `fairdistill eval`."
+            )
+        if rd.started and not self.resume:
+            raise RunDirError(f"{rd.path} holds an unfinished run; pass --resume to continue it, or choose another out=DIR")
+        if self.resume and rd.config.is_file():
+            saved, now = to_dict(read_run_config(rd)), to_dict(self.cfg)
+            diff = sorted(k for k in now if k != "progress" and saved.get(k) != now[k])
+            if diff:
+                raise RunDirError(f"{rd.path}: cannot resume with a different config (changed: {', '.join(diff)})")
+
+    def _build_data(self) -> None:
+        d, cfg = self.cfg.data, self.cfg
+        kwargs = dict(root=d.root, seed=cfg.seed, **d.options)
+        self.train_set: ImageDataset = build_dataset(d.name, split="train", **kwargs)
+        self.test_set: ImageDataset = build_dataset(d.name, split="test", **kwargs)
+        self.val_set = build_dataset(d.name, split="val", **kwargs) if d.options.get("val_fraction") else None
+        self.num_classes, self.num_groups = self.train_set.num_classes, self.train_set.num_groups
+        if len(self.train_set) < d.batch_size and d.drop_last:
+            raise ConfigError(
+                f"data.batch_size: {d.batch_size} is larger than the training set ({len(self.train_set)} items) "
+                "with data.drop_last=true; lower the batch size"
+            )
+        self.train_loader = BatchLoader(
+            self.train_set, d.batch_size, sampler=d.sampler, drop_last=d.drop_last,
+            padding=d.padding, flip=d.flip, device=self.device, seed=cfg.seed,
+        )
+        self.test_loader = BatchLoader(self.test_set, d.eval_batch_size, sampler="sequential", device=self.device)
+        self.val_loader = (
+            BatchLoader(self.val_set, d.eval_batch_size, sampler="sequential", device=self.device) if self.val_set else None
+        )
+
+    def _build_stages(self) -> list[Stage]:
+        cfg, stages = self.cfg, []
+        for i, sc in enumerate(stage_list(cfg)):
+            active = list(sc.terms) if sc.terms is not None else list(cfg.terms)
+            trained = list(sc.train) if sc.train is not None else ["student", *active]
+            terms = [self.objective.term(n) for n in active]
+            needs_teacher = any(t.needs_teacher for t in terms)
+            if needs_teacher and self.teacher is None:
+                who = next(n for n, t in zip(active, terms) if t.needs_teacher)
+                raise ConfigError(f"terms.{who}: this term needs a teacher; set teacher.run=RUN_DIR (a finished run)")
+            stages.append(Stage(
+                cfg=sc, index=i, active=active,
+                optim=from_dict(OptimConfig, deep_merge(to_dict(cfg.optim), sc.optim), f"stages[{i}].optim"),
+                schedule=from_dict(ScheduleConfig, deep_merge(to_dict(cfg.schedule), sc.schedule), f"stages[{i}].schedule"),
+                train_student="student" in trained,
+                trained_terms=[n for n in trained if n != "student"],
+                needs_features=any(t.needs_features for t in terms),
+                needs_teacher=needs_teacher,
+                teacher_grad=any(t.teacher_grad for t in terms),
+                input_grad=any(t.input_grad for t in terms),
+            ))
+        return stages
+
+    def _setup_terms(self) -> None:
+        """Size and initialise term modules from a dry forward of the first training items."""
+        if not len(self.objective.terms):
+            return
+        n = min(len(self.train_set), self.cfg.data.batch_size)
+        probe = BatchLoader(self.train_set.subset(torch.arange(n)), n, sampler="sequential", device=self.device)
+        x, _, _ = next(iter(probe.epoch(0)))
+        modes = (self.student.training, self.teacher.training if self.teacher else None)
+        self.student.eval()
+        with torch.no_grad():
+            s_feat = self.student.forward_features(x)
+            t_feat = None
+            if self.teacher is not None:
+                self.teacher.eval()
+                t_feat = self.teacher.forward_features(x)
+        self.student.train(modes[0])
+        train_batches = BatchLoader(self.train_set, self.cfg.data.batch_size, sampler="sequential", device=self.device)
+        ctx = SetupContext(
+            student=self.student, teacher=self.teacher, student_features=s_feat, teacher_features=t_feat,
+            sample_x=x, num_classes=self.num_classes, num_groups=self.num_groups, device=self.device,
+            train_batches=train_batches.epoch(0), terms=dict(self.objective.terms.items()),
+        )
+        for term in self.objective.terms.values():
+            term.setup(ctx)
+        self.objective.to(self.device)
+
+    def _stage_optimizers(self, stage: Stage):
+        main_params = list(self.student.parameters()) if stage.train_student else []
+        own = {}
+        for name in stage.trained_terms:
+            term = self.objective.term(name)
+            params = [p for p in term.parameters() if p.requires_grad]
+            if not params:
+                continue
+            if term.optimizer is None:
+                main_params += params
+            else:
+                spec = from_dict(OptimConfig, deep_merge(to_dict(stage.optim), term.optimizer), f"terms.{name}.optimizer")
+                own[name] = make_optimizer(params, spec)
+        for p in self.student.parameters():
+            p.requires_grad_(stage.train_student)
+        main = make_optimizer(main_params, stage.optim) if main_params else None
+        plateau = None
+        if stage.schedule.name == "plateau" and main is not None:
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                main, mode="min", factor=stage.schedule.factor, patience=stage.schedule.patience
+            )
+        return main, own, plateau
+
+    # -- training ----------------------------------------------------------------
+
+    def _step(self, stage: Stage, x, y, g, epoch: int, weights: dict) -> dict:
+        if stage.input_grad:
+            x = x.detach().requires_grad_(True)
+        teacher_feat = None
+        if stage.needs_teacher:
+            with torch.set_grad_enabled(stage.teacher_grad):
+                teacher_feat = self.teacher.forward_features(x) if stage.needs_features else logits_only(self.teacher(x))
+        student_feat = self.student.forward_features(x) if stage.needs_features else logits_only(self.student(x))
+        inp = TermInput(x=x, y=y, g=g, student=student_feat, teacher=teacher_feat,
+                        student_model=self.student, teacher_model=self.teacher, epoch=epoch)
+        loss, parts = self.objective(inp, stage.active, stage.cfg.ce_weight, weights)
+        if not torch.isfinite(loss):
+            bad = [k for k, v in parts.items() if not torch.isfinite(v)] or ["total"]
+            raise TrainingError(
+                f"loss is {loss.item()} at stage {stage.cfg.name!r}, epoch {epoch + 1} (non-finite part: {', '.join(bad)}). "
+                f"Lower optim.lr or the term weights; {self.run_dir.checkpoint} keeps the last good epoch."
+            )
+        for opt in self._optimizers:
+            opt.zero_grad(set_to_none=True)
+        if loss.requires_grad:
+            loss.backward()
+            for opt in self._optimizers:
+                opt.step()
+        parts["loss"] = loss.detach()
+        parts["correct"] = (student_feat.logits.argmax(1) == y).sum()
+        return parts
+
+    def _train_epoch(self, stage: Stage, epoch: int, global_epoch: int) -> dict:
+        torch.manual_seed(epoch_seed(self.cfg.seed, global_epoch))
+        self.student.train()
+        self.objective.train()
+        if self.teacher is not None:
+            set_bn_mode(self.teacher, self.cfg.teacher.bn_mode)
+        weights = self.objective.current_weights(stage.active, epoch, stage.cfg.epochs)
+        sums: dict[str, torch.Tensor] = {}
+        n = 0
+        bar = Progress(len(self.train_loader), f"{self.cfg.name or 'run'} {stage.cfg.name} {epoch + 1}/{stage.cfg.epochs}",
+                       enabled=self.cfg.progress)
+        for x, y, g in self.train_loader.epoch(global_epoch):
+            parts = self._step(stage, x, y, g, epoch, weights)
+            b = y.numel()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + (v if k == "correct" else v * b)
+            n += b
+            bar.update(1, f"loss {parts['loss'].item():.4f}")
+        out = {k: (v.item() / max(n, 1)) for k, v in sums.items()}
+        out["accuracy"] = out.pop("correct", 0.0)
+        bar.close(f"loss {out.get('loss', float('nan')):.4f} acc {out['accuracy']:.4f}")
+        return out
+
+    def run(self) -> dict:
+        """Train every stage to the end, write ``result.json`` and return it."""
+        rd, cfg = self.run_dir, self.cfg
+        state = rd.load_checkpoint() if self.resume and rd.checkpoint.is_file() else None
+        rd.path.mkdir(parents=True, exist_ok=True)
+        write_text(rd.config, dump_yaml(cfg))
+        history: list[dict] = []
+        start_stage = start_epoch = 0
+        elapsed0 = 0.0
+        if state is not None:
+            self.student.load_state_dict(state["model"])
+            self.objective.load_state_dict(state["objective"])
+            if self.teacher is not None and state.get("teacher_buffers"):
+                self.teacher.load_state_dict({**self.teacher.state_dict(), **state["teacher_buffers"]})
+            history, start_stage, start_epoch = state["history"], state["stage"], state["epoch"]
+            elapsed0 = state["elapsed"]
+            rd.write_metrics(history)
+            self.log(f"resuming {rd.path} at stage {start_stage + 1}, epoch {start_epoch + 1}")
+        t0 = time.perf_counter()
+        global_epoch = sum(s.cfg.epochs for s in self.stages[:start_stage]) + start_epoch
+        last_eval = history[-1].get("test") if history else None
+        for stage in self.stages[start_stage:]:
+            main, own, plateau = self._stage_optimizers(stage)
+            self._optimizers = [o for o in [main, *own.values()] if o is not None]
+            first = start_epoch if stage.index == start_stage else 0
+            if state is not None and stage.index == start_stage and first > 0:
+                if main is not None:
+                    main.load_state_dict(state["optim"])
+                for name, opt in own.items():
+                    opt.load_state_dict(state["term_optim"][name])
+                if plateau is not None:
+                    plateau.load_state_dict(state["plateau"])
+            base_lr = stage.optim.lr
+            for epoch in range(first, stage.cfg.epochs):
+                if main is not None and stage.schedule.name in ("multistep", "cosine"):
+                    for group in main.param_groups:
+                        group["lr"] = scheduled_lr(stage.schedule, base_lr, epoch, stage.cfg.epochs)
+                train = self._train_epoch(stage, epoch, global_epoch)
+                record = {"stage": stage.cfg.name, "epoch": epoch + 1, "global_epoch": global_epoch + 1,
+                          "lr": main.param_groups[0]["lr"] if main else None, "train": train}
+                is_last = stage is self.stages[-1] and epoch == stage.cfg.epochs - 1
+                needs_test = plateau is not None and stage.schedule.monitor == "test_loss"
+                if is_last or needs_test or (global_epoch + 1) % cfg.eval_every == 0:
+                    last_eval = evaluate(self.student, self.test_loader, self.num_classes, self.num_groups)
+                    record["test"] = last_eval
+                if self.val_loader is not None:
+                    record["val"] = evaluate(self.student, self.val_loader, self.num_classes, self.num_groups)
+                if plateau is not None:
+                    plateau.step(record["test" if stage.schedule.monitor == "test_loss" else "val"]["loss"])
+                history.append(record)
+                global_epoch += 1
+                done_stage, next_epoch = (stage.index + 1, 0) if epoch + 1 == stage.cfg.epochs else (stage.index, epoch + 1)
+                rd.save_checkpoint({
+                    "format": 1, "version": __version__, "stage": done_stage, "epoch": next_epoch,
+                    "model": self.student.state_dict(), "objective": self.objective.state_dict(),
+                    "teacher_buffers": (dict(self.teacher.named_buffers()) if self.teacher is not None
+                                        and cfg.teacher.bn_mode == "train" else {}),
+                    "optim": main.state_dict() if main else {}, "term_optim": {k: o.state_dict() for k, o in own.items()},
+                    "plateau": plateau.state_dict() if plateau else {}, "history": history,
+                    "elapsed": elapsed0 + time.perf_counter() - t0,
+                })
+                rd.write_metrics(history)
+                self._log_epoch(record)
+                for cb in self.callbacks:
+                    cb(self, record)
+        result = self._result(history, elapsed0 + time.perf_counter() - t0)
+        write_json(rd.result, result)
+        return result
+
+    def _log_epoch(self, record: dict) -> None:
+        if "test" in record and self.cfg.progress:
+            t = record["test"]
+            self.log(f"  test: acc {100 * t['accuracy']:.2f}  DEO_A {100 * t['deo_a']:.2f}  DEO_M {100 * t['deo_m']:.2f}  loss {t['loss']:.4f}")
+
+    def _result(self, history: list[dict], wall: float) -> dict:
+        evaluated = [r for r in history if "test" in r]
+        final = evaluated[-1]["test"] if evaluated else evaluate(self.student, self.test_loader, self.num_classes, self.num_groups)
+        best = max(evaluated, key=lambda r: r["test"]["accuracy"]) if evaluated else None
+        pick = ("accuracy", "deo_a", "deo_m", "loss")
+        return {
+            "name": self.cfg.name, "method": self.cfg.method, "seed": self.cfg.seed,
+            "data": self.cfg.data.name, "model": self.cfg.model.name,
+            "teacher": self.cfg.teacher.run or self.cfg.teacher.checkpoint or None,
+            "epochs": sum(s.cfg.epochs for s in self.stages),
+            "final": {k: final[k] for k in pick},
+            "best": ({k: best["test"][k] for k in pick} | {"epoch": best["global_epoch"]}) if best else None,
+            "cell_accuracy": final["cell_accuracy"],
+            "class_names": self.test_set.class_names, "group_names": self.test_set.group_names,
+            "num_params": count_parameters(self.student),
+            "wall_time_s": wall,
+        }
+
+
+def train(cfg: RunConfig, resume: bool = False, **kwargs) -> dict:
+    """Train one run (see :class:`Trainer`) and return its ``result.json`` contents."""
+    return Trainer(cfg, resume=resume, **kwargs).run()
+
+
+def evaluate_run(path: str, device: str | None = None) -> dict:
+    """Re-evaluate the checkpoint of the run in ``path`` on its test set (nothing is written)."""
+    run = RunDir(path)
+    cfg = read_run_config(run)
+    if device:
+        cfg = replace(cfg, device=device)
+    dev = resolve_device(cfg.device)
+    d = cfg.data
+    test = build_dataset(d.name, root=d.root, split="test", seed=cfg.seed, **d.options)
+    model = build_model(cfg.model.name, test.num_classes, **cfg.model.options)
+    load_state(model, run.load_checkpoint()["model"], f"{run.checkpoint}")
+    loader = BatchLoader(test, d.eval_batch_size, sampler="sequential", device=dev)
+    out = evaluate(model.to(dev), loader, test.num_classes, test.num_groups)
+    out["class_names"], out["group_names"] = test.class_names, test.group_names
+    return out

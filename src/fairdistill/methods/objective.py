@@ -1,0 +1,70 @@
+"""The training objective: CE plus weighted method terms (DESIGN.md data flow)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from ..registry import check_kwargs
+from .base import TERMS, Term, TermInput
+
+RESERVED = ("type", "weight", "weight_end")
+
+
+def build_terms(specs: dict[str, dict]) -> tuple[nn.ModuleDict, dict[str, tuple[float, float | None]]]:
+    """Instantiate the configured terms; returns the modules and each term's (weight, weight_end)."""
+    terms, weights = nn.ModuleDict(), {}
+    for name, spec in specs.items():
+        cls = TERMS.get(spec.get("type", name), key=f"terms.{name}.type")
+        options = {k: v for k, v in spec.items() if k not in RESERVED}
+        check_kwargs(cls.__init__, options, f"terms.{name}")
+        try:
+            terms[name] = cls(**options)
+        except TypeError as e:
+            raise ConfigError(f"terms.{name}: {e}") from None
+        w, w_end = spec.get("weight", 1.0), spec.get("weight_end")
+        for k, v in (("weight", w), ("weight_end", w_end)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise ConfigError(f"terms.{name}.{k}: expected a number, got {v!r}")
+        weights[name] = (float(w), None if w_end is None else float(w_end))
+    return terms, weights
+
+
+def annealed(weight: float, weight_end: float | None, epoch: int, epochs: int) -> float:
+    """Linear annealing from ``weight`` at epoch 0 to ``weight_end`` at the stage's last epoch.
+
+    MFD supplement 1.2 / the official code: lambda_h decreases by (w0 - w1)/(epochs - 1) per epoch.
+    """
+    if weight_end is None or epochs <= 1:
+        return weight
+    return weight + (weight_end - weight) * min(epoch, epochs - 1) / (epochs - 1)
+
+
+class Objective(nn.Module):
+    """CE(student logits, y) * ce_weight + sum of the active terms times their weights."""
+
+    def __init__(self, specs: dict[str, dict]):
+        super().__init__()
+        self.terms, self.weights = build_terms(specs)
+
+    def term(self, name: str) -> Term:
+        return self.terms[name]
+
+    def current_weights(self, active: list[str], epoch: int, epochs: int) -> dict[str, float]:
+        return {n: annealed(*self.weights[n], epoch, epochs) for n in active}
+
+    def forward(self, inp: TermInput, active: list[str], ce_weight: float, weights: dict[str, float]):
+        """Returns (total loss, {part name: unweighted detached value})."""
+        parts: dict[str, torch.Tensor] = {}
+        total = inp.student.logits.new_zeros(())
+        if ce_weight:
+            ce = F.cross_entropy(inp.student.logits, inp.y)
+            parts["ce"] = ce.detach()
+            total = total + ce_weight * ce
+        for name in active:
+            value = self.terms[name](inp)
+            parts[name] = value.detach()
+            if weights[name]:
+                total = total + weights[name] * value
+        return total, parts
