@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
-from .config import RunConfig, deep_merge, dump_yaml, from_dict, stage_list, to_dict, OptimConfig, ScheduleConfig, StageConfig
+from .config import OptimConfig, RunConfig, ScheduleConfig, StageConfig, deep_merge, dump_yaml, from_dict, safe_load, stage_list, to_dict
 from .data import BatchLoader, ImageDataset, build_dataset
 from .errors import ConfigError, RunDirError, TrainingError
 from .fairness import cell_counts, metrics_from_counts
@@ -71,11 +71,9 @@ def load_state(model: nn.Module, state: dict, where: str) -> None:
 
 
 def read_run_config(run: RunDir) -> RunConfig:
-    import yaml
-
     if not run.config.is_file():
         raise RunDirError(f"{run.path}: not a run directory (no config.yaml)")
-    return from_dict(RunConfig, yaml.safe_load(run.config.read_text()), key="")
+    return from_dict(RunConfig, safe_load(run.config.read_text()), key="")
 
 
 def load_teacher(cfg: RunConfig, num_classes: int, device: torch.device) -> FeatureModel | None:
