@@ -1,1 +1,70 @@
-"""Placeholder: being written."""
+"""The six-conv CNN MFD uses on CIFAR-10S (Jung et al., CVPR 2021, supplement §1.1).
+
+Three blocks of [conv3x3 -> ReLU -> conv3x3 -> ReLU -> maxpool 2 -> dropout 0.25] with 32, 64 and
+128 channels (padding 1), then fc 128*(s/8)^2 -> 256 + ReLU and a linear head (no BatchNorm,
+PyTorch's default initialisation). Module names follow MFD's code (``conv1..conv6, fc1, last``).
+
+Features: stages = pre-ReLU outputs of conv2, conv4, conv6 (no BN precedes these ReLUs, so
+``stage_bns`` is [None] * 3); embedding = ReLU(fc1), the 256-d feature MFD distils;
+extra["before_fc"] = ReLU(conv6), the map MFD's AT baseline uses; extra["block"] = ReLU of
+conv2, conv4, conv6.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from .base import MODELS, FeatureModel, Features
+
+
+class MFDCNN(FeatureModel):
+    """The CIFAR-10S CNN for ``image_size`` x ``image_size`` inputs (``image_size`` divisible by 8)."""
+
+    def __init__(self, num_classes: int, image_size: int = 32, in_channels: int = 3):
+        super().__init__()
+        self.image_size = image_size
+        widths = [in_channels, 32, 32, 64, 64, 128, 128]
+        for i in range(6):
+            setattr(self, f"conv{i + 1}", nn.Conv2d(widths[i], widths[i + 1], 3, padding=1))
+        self.drop = nn.Dropout(0.25)
+        self.fc1 = nn.Linear(128 * (image_size // 8) ** 2, 256)
+        self.last = nn.Linear(256, num_classes)
+        self.stage_channels = [32, 64, 128]
+
+    def forward_features(self, x: torch.Tensor) -> Features:
+        if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
+            raise ConfigError(
+                f"mfd-cnn was built for {self.image_size}x{self.image_size} images (option image_size) "
+                f"but got {x.shape[-2]}x{x.shape[-1]}; set the model option image_size to the data's size."
+            )
+        convs = [self.conv1, self.conv2, self.conv3, self.conv4, self.conv5, self.conv6]
+        h, stages, block = x, [], []
+        for i in range(3):
+            pre = convs[2 * i + 1](F.relu(convs[2 * i](h)))
+            act = F.relu(pre)
+            stages.append(pre)
+            block.append(act)
+            h = self.drop(F.max_pool2d(act, 2))
+        embedding = F.relu(self.fc1(h.flatten(1)))
+        return Features(
+            logits=self.last(embedding),
+            stages=stages,
+            embedding=embedding,
+            extra={"block": block, "before_fc": block[-1]},
+        )
+
+
+@MODELS.register("mfd-cnn")
+def mfd_cnn(num_classes: int, image_size: int = 32, in_channels: int = 3) -> MFDCNN:
+    """MFD's CIFAR-10S CNN."""
+    for name, v in (("image_size", image_size), ("in_channels", in_channels), ("num_classes", num_classes)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"mfd-cnn: {name}={v!r} is invalid; expected an integer >= 1.")
+    if image_size % 8:
+        raise ConfigError(
+            f"mfd-cnn: option image_size={image_size} is invalid; expected a multiple of 8 "
+            "(three 2x2 max-poolings), e.g. 32."
+        )
+    return MFDCNN(num_classes, image_size, in_channels)

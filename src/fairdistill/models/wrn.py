@@ -1,1 +1,154 @@
-"""Placeholder: being written."""
+"""Wide residual networks WRN-d-k (Zagoruyko & Komodakis, BMVC 2016), pre-activation.
+
+The layout is the one OFD's CIFAR-100 code uses (teacher WRN28-4; students WRN16-4, WRN28-2,
+WRN16-2), with its module names, so its checkpoints load with ``load_state_dict``:
+``conv1``, groups ``block1..block3`` holding units ``layer.<i>`` (``bn1, conv1, bn2, conv2`` and
+``convShortcut`` where the width changes), final ``bn1`` and ``fc``.
+
+Distillation positions (OFD, reference/ofd.md §1.4): a pre-activation network has no ReLU at the
+end of a group, so the pre-ReLU feature of group i is the *next* BatchNorm applied to the group
+output: ``block2.layer[0].bn1``, ``block3.layer[0].bn1`` and the final ``bn1``. These BNs are
+computed once, in the normal forward pass, and their outputs are the stage features, so
+``stage_bns`` is exact: in train mode each stage feature has per-channel batch mean beta and
+std |gamma|.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from .base import MODELS, FeatureModel, Features
+
+
+class WideBasic(nn.Module):
+    """Pre-activation unit: BN-ReLU-conv3x3-BN-ReLU-(dropout)-conv3x3, plus a shortcut.
+
+    When the width changes, the shortcut is a 1x1 conv (stride ``stride``) of the *activated*
+    input ReLU(bn1(x)); otherwise it is the raw input x.
+    """
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int, dropout: float):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_planes)
+        self.conv2 = nn.Conv2d(out_planes, out_planes, 3, stride=1, padding=1, bias=False)
+        self.dropout = dropout
+        # Named as in the official code so that its checkpoints load.
+        self.convShortcut = (
+            nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False) if in_planes != out_planes else None
+        )
+
+    def entry(self, x: torch.Tensor) -> torch.Tensor:
+        """The pre-ReLU value the unit starts from: bn1(x)."""
+        return self.bn1(x)
+
+    def forward(self, x: torch.Tensor, entry: torch.Tensor | None = None) -> torch.Tensor:
+        """``entry`` = bn1(x) when the caller already computed it (the network does, once)."""
+        a = F.relu(self.entry(x) if entry is None else entry)
+        out = F.relu(self.bn2(self.conv1(a)))
+        out = F.dropout(out, p=self.dropout, training=self.training)
+        out = self.conv2(out)
+        return out + (x if self.convShortcut is None else self.convShortcut(a))
+
+
+class WideGroup(nn.Module):
+    """``n`` units at one width; the first one changes width and stride."""
+
+    def __init__(self, n: int, in_planes: int, out_planes: int, stride: int, dropout: float):
+        super().__init__()
+        self.layer = nn.Sequential(
+            *[
+                WideBasic(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, dropout)
+                for i in range(n)
+            ]
+        )
+
+    def forward(self, x: torch.Tensor, entry: torch.Tensor | None = None) -> torch.Tensor:
+        """Group output (the residual stream); ``entry`` is handed to the first unit."""
+        out = self.layer[0](x, entry)
+        for unit in self.layer[1:]:
+            out = unit(out)
+        return out
+
+
+class WideResNet(FeatureModel):
+    """WRN-depth-k for 32x32 inputs (any size works: pooling is global).
+
+    Features: stages = [block2.layer[0].bn1(g1), block3.layer[0].bn1(g2), bn1(g3)], channels
+    [16k, 32k, 64k]; embedding = globally pooled ReLU(bn1(g3)) (64k); extra["block"] = the group
+    outputs g1, g2, g3 (the residual stream, OFD Table 1's "block" position, AT's position).
+    """
+
+    def __init__(self, depth: int, widen_factor: int, num_classes: int, dropout: float = 0.0, in_channels: int = 3):
+        super().__init__()
+        n = (depth - 4) // 6
+        widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
+        self.block1 = WideGroup(n, widths[0], widths[1], 1, dropout)
+        self.block2 = WideGroup(n, widths[1], widths[2], 2, dropout)
+        self.block3 = WideGroup(n, widths[2], widths[3], 2, dropout)
+        self.bn1 = nn.BatchNorm2d(widths[3])
+        self.fc = nn.Linear(widths[3], num_classes)
+        self.stage_channels = widths[1:]
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward_features(self, x: torch.Tensor) -> Features:
+        g1 = self.block1(self.conv1(x))
+        p1 = self.block2.layer[0].entry(g1)
+        g2 = self.block2(g1, p1)
+        p2 = self.block3.layer[0].entry(g2)
+        g3 = self.block3(g2, p2)
+        p3 = self.bn1(g3)
+        embedding = F.relu(p3).mean(dim=(2, 3))
+        return Features(
+            logits=self.fc(embedding), stages=[p1, p2, p3], embedding=embedding, extra={"block": [g1, g2, g3]}
+        )
+
+    def stage_bns(self) -> list[nn.Module | None]:
+        """Exact: each stage feature is the output of this BN."""
+        return [self.block2.layer[0].bn1, self.block3.layer[0].bn1, self.bn1]
+
+
+def _check(depth, widen_factor, dropout, in_channels, num_classes) -> None:
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not is_int(depth) or depth < 10 or (depth - 4) % 6:
+        raise ConfigError(f"wrn: option depth={depth!r} is invalid; expected 6n+4 with n >= 1 (10, 16, 22, 28, 40).")
+    if not is_int(widen_factor) or widen_factor < 1:
+        raise ConfigError(f"wrn: option widen_factor={widen_factor!r} is invalid; expected an integer >= 1.")
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"wrn: option dropout={dropout!r} is invalid; expected a probability in [0, 1).")
+    for name, v in (("in_channels", in_channels), ("num_classes", num_classes)):
+        if not is_int(v) or v < 1:
+            raise ConfigError(f"wrn: {name}={v!r} is invalid; expected an integer >= 1.")
+
+
+@MODELS.register("wrn")
+def wrn(
+    num_classes: int, depth: int = 28, widen_factor: int = 4, dropout: float = 0.0, in_channels: int = 3
+) -> WideResNet:
+    """WRN-depth-widen_factor; ``dropout`` between the two convs of a unit (0 in OFD)."""
+    _check(depth, widen_factor, dropout, in_channels, num_classes)
+    return WideResNet(depth, widen_factor, num_classes, float(dropout), in_channels)
+
+
+def _preset(depth: int, widen_factor: int):
+    def build(num_classes: int, dropout: float = 0.0, in_channels: int = 3) -> WideResNet:
+        return wrn(num_classes, depth=depth, widen_factor=widen_factor, dropout=dropout, in_channels=in_channels)
+
+    build.__doc__ = f"WRN-{depth}-{widen_factor}."
+    return build
+
+
+for _depth, _k in ((16, 2), (16, 4), (28, 2), (28, 4), (40, 2)):
+    MODELS.register(f"wrn-{_depth}-{_k}", _preset(_depth, _k))
