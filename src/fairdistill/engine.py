@@ -151,6 +151,24 @@ class Stage:
     input_grad: bool
 
 
+def resolve_stage(index: int, sc: StageConfig, cfg: RunConfig, objective: Objective) -> Stage:
+    """Which terms run in stage ``sc``, what they need, and its optimizer and schedule settings."""
+    active = list(sc.terms) if sc.terms is not None else list(cfg.terms)
+    trained = list(sc.train) if sc.train is not None else ["student", *active]
+    terms = [objective.term(n) for n in active]
+    return Stage(
+        cfg=sc, index=index, active=active,
+        optim=from_dict(OptimConfig, deep_merge(to_dict(cfg.optim), sc.optim), f"stages[{index}].optim"),
+        schedule=from_dict(ScheduleConfig, deep_merge(to_dict(cfg.schedule), sc.schedule), f"stages[{index}].schedule"),
+        train_student="student" in trained,
+        trained_terms=[n for n in trained if n != "student"],
+        needs_features=any(t.needs_features for t in terms),
+        needs_teacher=any(t.needs_teacher for t in terms),
+        teacher_grad=any(t.teacher_grad for t in terms),
+        input_grad=any(t.input_grad for t in terms),
+    )
+
+
 def make_optimizer(params, spec: OptimConfig) -> torch.optim.Optimizer:
     if spec.name == "adam":
         return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
@@ -164,6 +182,36 @@ def scheduled_lr(spec: ScheduleConfig, base_lr: float, epoch: int, epochs: int) 
     if spec.name == "cosine":
         return spec.min_lr + (base_lr - spec.min_lr) * 0.5 * (1 + math.cos(math.pi * epoch / max(epochs, 1)))
     return base_lr
+
+
+def train_step(student, teacher, objective: Objective, stage: Stage, optimizers, x, y, g, epoch: int, weights: dict) -> dict:
+    """One optimisation step: teacher forward (no autograd unless a term needs it), student
+    forward, objective, backward, every optimizer steps. Returns the detached loss parts."""
+    if stage.input_grad:
+        x = x.detach().requires_grad_(True)
+    teacher_feat = None
+    if stage.needs_teacher:
+        with torch.set_grad_enabled(stage.teacher_grad):
+            teacher_feat = teacher.forward_features(x) if stage.needs_features else logits_only(teacher(x))
+    student_feat = student.forward_features(x) if stage.needs_features else logits_only(student(x))
+    inp = TermInput(x=x, y=y, g=g, student=student_feat, teacher=teacher_feat,
+                    student_model=student, teacher_model=teacher, epoch=epoch)
+    loss, parts = objective(inp, stage.active, stage.cfg.ce_weight, weights)
+    if not torch.isfinite(loss):
+        bad = [k for k, v in parts.items() if not torch.isfinite(v)] or ["total"]
+        raise TrainingError(
+            f"loss is {loss.item()} at stage {stage.cfg.name!r}, epoch {epoch + 1} (non-finite part: {', '.join(bad)}). "
+            "Lower optim.lr or the term weights."
+        )
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    if loss.requires_grad:
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+    parts["loss"] = loss.detach()
+    parts["correct"] = (student_feat.logits.argmax(1) == y).sum()
+    return parts
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -229,26 +277,11 @@ class Trainer:
         )
 
     def _build_stages(self) -> list[Stage]:
-        cfg, stages = self.cfg, []
-        for i, sc in enumerate(stage_list(cfg)):
-            active = list(sc.terms) if sc.terms is not None else list(cfg.terms)
-            trained = list(sc.train) if sc.train is not None else ["student", *active]
-            terms = [self.objective.term(n) for n in active]
-            needs_teacher = any(t.needs_teacher for t in terms)
-            if needs_teacher and self.teacher is None:
-                who = next(n for n, t in zip(active, terms) if t.needs_teacher)
+        stages = [resolve_stage(i, sc, self.cfg, self.objective) for i, sc in enumerate(stage_list(self.cfg))]
+        for st in stages:
+            if st.needs_teacher and self.teacher is None:
+                who = next(n for n in st.active if self.objective.term(n).needs_teacher)
                 raise ConfigError(f"terms.{who}: this term needs a teacher; set teacher.run=RUN_DIR (a finished run)")
-            stages.append(Stage(
-                cfg=sc, index=i, active=active,
-                optim=from_dict(OptimConfig, deep_merge(to_dict(cfg.optim), sc.optim), f"stages[{i}].optim"),
-                schedule=from_dict(ScheduleConfig, deep_merge(to_dict(cfg.schedule), sc.schedule), f"stages[{i}].schedule"),
-                train_student="student" in trained,
-                trained_terms=[n for n in trained if n != "student"],
-                needs_features=any(t.needs_features for t in terms),
-                needs_teacher=needs_teacher,
-                teacher_grad=any(t.teacher_grad for t in terms),
-                input_grad=any(t.input_grad for t in terms),
-            ))
         return stages
 
     def _setup_terms(self) -> None:
@@ -303,31 +336,10 @@ class Trainer:
     # -- training ----------------------------------------------------------------
 
     def _step(self, stage: Stage, x, y, g, epoch: int, weights: dict) -> dict:
-        if stage.input_grad:
-            x = x.detach().requires_grad_(True)
-        teacher_feat = None
-        if stage.needs_teacher:
-            with torch.set_grad_enabled(stage.teacher_grad):
-                teacher_feat = self.teacher.forward_features(x) if stage.needs_features else logits_only(self.teacher(x))
-        student_feat = self.student.forward_features(x) if stage.needs_features else logits_only(self.student(x))
-        inp = TermInput(x=x, y=y, g=g, student=student_feat, teacher=teacher_feat,
-                        student_model=self.student, teacher_model=self.teacher, epoch=epoch)
-        loss, parts = self.objective(inp, stage.active, stage.cfg.ce_weight, weights)
-        if not torch.isfinite(loss):
-            bad = [k for k, v in parts.items() if not torch.isfinite(v)] or ["total"]
-            raise TrainingError(
-                f"loss is {loss.item()} at stage {stage.cfg.name!r}, epoch {epoch + 1} (non-finite part: {', '.join(bad)}). "
-                f"Lower optim.lr or the term weights; {self.run_dir.checkpoint} keeps the last good epoch."
-            )
-        for opt in self._optimizers:
-            opt.zero_grad(set_to_none=True)
-        if loss.requires_grad:
-            loss.backward()
-            for opt in self._optimizers:
-                opt.step()
-        parts["loss"] = loss.detach()
-        parts["correct"] = (student_feat.logits.argmax(1) == y).sum()
-        return parts
+        try:
+            return train_step(self.student, self.teacher, self.objective, stage, self._optimizers, x, y, g, epoch, weights)
+        except TrainingError as e:
+            raise TrainingError(f"{e} {self.run_dir.checkpoint} keeps the last good epoch.") from None
 
     def _train_epoch(self, stage: Stage, epoch: int, global_epoch: int) -> dict:
         torch.manual_seed(epoch_seed(self.cfg.seed, global_epoch))
