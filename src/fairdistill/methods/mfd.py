@@ -24,9 +24,9 @@ DIST_EPS = 1e-12
 """Lower clamp of squared distances, as the official code's ``pdist``."""
 
 
-def _squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """||a_i||^2 + ||b_j||^2 - 2 a_i.b_j, clamped at ``DIST_EPS``: an (len(a), len(b)) matrix."""
-    return (a.pow(2).sum(1)[:, None] + b.pow(2).sum(1)[None, :] - 2 * a @ b.t()).clamp_min(DIST_EPS)
+def _squared_distances(a: torch.Tensor, b: torch.Tensor, a_sq: torch.Tensor, b_sq: torch.Tensor) -> torch.Tensor:
+    """||a_i||^2 + ||b_j||^2 - 2 a_i.b_j (squared norms given), clamped at ``DIST_EPS``."""
+    return torch.addmm(a_sq[:, None] + b_sq[None, :], a, b.t(), alpha=-2).clamp_min(DIST_EPS)
 
 
 def kernel_matrices(
@@ -52,12 +52,13 @@ def kernel_matrices(
     if kernel == "poly":
         s, t = F.normalize(s, dim=1), F.normalize(t, dim=1)
         return (t @ t.t()).pow(2), (s @ s.t()).pow(2), (t @ s.t()).pow(2)
-    d_ts = _squared_distances(t, s)
-    bandwidth = 2 * sigma * d_ts.detach().mean()
+    s_sq, t_sq = s.pow(2).sum(1), t.pow(2).sum(1)
+    d_ts = _squared_distances(t, s, t_sq, s_sq)
+    scale = -1.0 / (2 * sigma * d_ts.detach().mean())
     return (
-        torch.exp(-_squared_distances(t, t) / bandwidth),
-        torch.exp(-_squared_distances(s, s) / bandwidth),
-        torch.exp(-d_ts / bandwidth),
+        torch.exp(_squared_distances(t, t, t_sq, t_sq) * scale),
+        torch.exp(_squared_distances(s, s, s_sq, s_sq) * scale),
+        torch.exp(d_ts * scale),
     )
 
 
