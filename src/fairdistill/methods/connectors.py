@@ -81,10 +81,10 @@ def stage_features(features: Features, position: str, key: str) -> list[torch.Te
     return list(block)
 
 
-def paired_stages(ctx_student: Features, ctx_teacher: Features, position: str, key: str):
+def paired_stages(student: Features, teacher: Features, position: str, key: str):
     """Student and teacher stage lists of kind ``position``; fails when their counts differ."""
-    s = stage_features(ctx_student, position, key)
-    t = stage_features(ctx_teacher, position, key)
+    s = stage_features(student, position, key)
+    t = stage_features(teacher, position, key)
     if len(s) != len(t):
         raise ConfigError(
             f"{key}: the student has {len(s)} stages and the teacher {len(t)}; stage-wise "
