@@ -115,8 +115,8 @@ def test_term_gradients_reversed_for_student_ordinary_for_adversary():
 
 
 def test_term_optimizer_spec_and_errors():
-    assert Adversary().optimizer == {"name": "adam", "lr": 0.003}
-    assert Adversary(lr=3e-4).optimizer == {"name": "adam", "lr": 3e-4}
+    assert Adversary().optimizer == {"name": "adam", "lr": 0.003, "weight_decay": 0.0}
+    assert Adversary(lr=3e-4).optimizer["lr"] == 3e-4
     with pytest.raises(ConfigError, match="adversary.grl_lambda"):
         Adversary(grl_lambda=-1)
     with pytest.raises(ConfigError, match="adversary.lr"):

@@ -88,8 +88,9 @@ class Adversary(Term):
     Options:
         grl_lambda: gradient-reversal scale (> 0); official ``--adv-lambda``, default 2.0.
         hidden:     hidden width of each adversary MLP (>= 1), default 32.
-        lr:         learning rate of the adversaries' Adam (> 0). Default 0.003, the value the
-                    MFD supplement states; the official code's default ``--eta`` was 3e-4.
+        lr:         learning rate of the adversaries' Adam (> 0, no weight decay, other Adam
+                    settings as the stage's). Default 0.003, the value the MFD supplement
+                    states; the official code's default ``--eta`` was 3e-4.
     """
 
     needs_teacher = False
@@ -103,7 +104,7 @@ class Adversary(Term):
         if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
             raise ConfigError(f"adversary.hidden must be an integer >= 1, got {hidden!r}")
         self.grl_lambda, self.hidden = float(grl_lambda), hidden
-        self.optimizer = {"name": "adam", "lr": float(lr)}
+        self.optimizer = {"name": "adam", "lr": float(lr), "weight_decay": 0.0}
         self.num_classes = 0
         self.adversaries: ClasswiseAdversaries | None = None
 

@@ -1,0 +1,137 @@
+"""Image files -> the uint8 (N, 3, H, W) tensor of :class:`ImageDataset`.
+
+Shared by the file-based loaders (``utkface``, ``celeba``, ``imagefolder``). Files are decoded
+with Pillow in a thread pool (Pillow releases the GIL while decoding and resampling), resized
+as torchvision's ``Resize`` does on PIL images (bilinear, with Pillow's antialiasing), and
+written straight into one preallocated array, so peak memory is the data set plus one image
+per thread. An optional cache stores the decoded array next to the data, keyed by the file
+list and the resize settings, and is written atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CACHE_FORMAT = 1
+MAX_LISTED = 5
+"""How many offending files an error message names."""
+
+
+def check_size(key: str, value) -> int:
+    """``value`` as a positive int, or a ConfigError naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key} must be a positive integer (pixels), got {value!r}")
+    return value
+
+
+def first_few(items: Sequence) -> str:
+    """The first ``MAX_LISTED`` items joined, with a count of the rest."""
+    shown = ", ".join(str(i) for i in items[:MAX_LISTED])
+    return shown + (f" (and {len(items) - MAX_LISTED} more)" if len(items) > MAX_LISTED else "")
+
+
+def resize_rgb(image: Image.Image, size: int, crop: int | None = None) -> Image.Image:
+    """RGB ``image`` resized like torchvision on PIL images.
+
+    ``crop is None``: squashed to ``size x size`` (``Resize((size, size))``).
+    Otherwise the shorter side goes to ``size`` (``Resize(size)``: the longer side becomes
+    ``int(size * long / short)``), then the centre ``crop x crop`` is kept (``CenterCrop``).
+    """
+    image = image.convert("RGB")
+    if crop is None:
+        return image.resize((size, size), Image.BILINEAR)
+    w, h = image.size
+    if w <= h:
+        new_w, new_h = size, int(size * h / w)
+    else:
+        new_w, new_h = int(size * w / h), size
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.BILINEAR)
+    top, left = int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0))
+    return image.crop((left, top, left + crop, top + crop))
+
+
+def decode_images(paths: Sequence[Path], size: int, crop: int | None = None, *, name: str,
+                  workers: int | None = None) -> torch.Tensor:
+    """Decode ``paths`` into a uint8 (N, 3, S, S) tensor, S = ``crop or size`` (see ``resize_rgb``).
+
+    Files that are missing or that Pillow cannot read give one DataError naming the first few.
+    """
+    side = crop or size
+    out = np.empty((len(paths), 3, side, side), dtype=np.uint8)
+
+    def work(i: int) -> str | None:
+        try:
+            with Image.open(paths[i]) as image:
+                out[i] = np.asarray(resize_rgb(image, size, crop)).transpose(2, 0, 1)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            return f"{paths[i]} ({type(err).__name__}: {err})"
+        return None
+
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        failed = [msg for msg in pool.map(work, range(len(paths))) if msg is not None]
+    if failed:
+        raise DataError(f"{name}: {len(failed)} image file(s) could not be read: {first_few(failed)}")
+    return torch.from_numpy(out)
+
+
+def cache_path(cache_dir: Path, base: Path, name: str, names: Sequence[str], size: int, crop: int | None) -> Path:
+    """Cache file for the files ``base / n`` (``n`` in ``names``) at these resize settings."""
+    key = json.dumps({"format": CACHE_FORMAT, "name": name, "base": str(Path(base).resolve()), "size": size,
+                      "crop": crop, "files": list(names)})
+    return Path(cache_dir) / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
+
+
+def load_images(base: Path, names: Sequence[str], size: int, crop: int | None = None, *, name: str,
+                cache_dir: Path | None = None) -> torch.Tensor:
+    """Decoded images of the files ``base / n`` for ``n`` in ``names`` (see ``decode_images``).
+
+    With ``cache_dir`` the result is read from, or else written to, a cache file there whose
+    name hashes ``name``, the absolute ``base`` (a moved data folder is decoded afresh),
+    ``names``, ``size`` and ``crop``. An unreadable cache is rebuilt; a cache that cannot be
+    written only logs a warning.
+    """
+    target = cache_path(cache_dir, base, name, names, size, crop) if cache_dir is not None else None
+    side = crop or size
+    if target is not None and target.exists():
+        try:
+            images = torch.load(target, weights_only=True)
+            if (isinstance(images, torch.Tensor) and images.dtype == torch.uint8
+                    and tuple(images.shape) == (len(names), 3, side, side)):
+                return images
+            log.warning("%s: cache %s holds unexpected data; decoding the images again", name, target)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+            log.warning("%s: cache %s is unreadable (%s); decoding the images again", name, target, err)
+    images = decode_images([Path(base) / n for n in names], size, crop, name=name)
+    if target is not None:
+        tmp = None
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+            os.close(fd)
+            torch.save(images, tmp)
+            os.replace(tmp, target)
+        except OSError as err:
+            log.warning("%s: could not write the image cache %s (%s); set cache_dir to a writable folder",
+                        name, target, err)
+            if tmp is not None and os.path.exists(tmp):
+                os.remove(tmp)
+    return images
