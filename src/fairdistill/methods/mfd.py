@@ -116,6 +116,8 @@ class MFD(Term):
     """MFD term: ``(1/2) * mmd_loss`` on the student's and the frozen teacher's ``embedding``.
 
     The configured weight is the paper's lambda (3 / 3 / 7 for CIFAR-10S / UTKFace / CelebA).
+    The official features are the un-pooled last feature map for ResNet-18 and ShuffleNetV2
+    (zoo option ``embedding="map"``) and ReLU(fc1) for the CIFAR-10S CNN (``mfd.md`` §1.1).
     The method's preset should also run the balanced (group, label) sampler and keep the
     teacher's BatchNorm in eval mode (``teacher.bn_mode=eval``), as the official code does.
 
