@@ -91,3 +91,25 @@ def test_annealing_is_linear_from_first_to_last_epoch():
     assert annealed(4.0, 1.0, 1, 50) == pytest.approx(4.0 - 3 / 49)
     assert annealed(4.0, 1.0, 49, 50) == pytest.approx(1.0)
     assert annealed(4.0, None, 30, 50) == 4.0
+
+
+def test_overrides_reach_into_preset_stages_and_unstaged_terms_join_the_last_stage(tmp_path):
+    f = tmp_path / "adfit.yaml"
+    f.write_text("method: ad+fitnet\nepochs: 4\n")
+    cfg = load_config(f, ["stages.0.epochs=1"])
+    st = stage_list(cfg)
+    assert [s.name for s in st] == ["hint", "main"]
+    assert [s.epochs for s in st] == [1, 4]
+    assert st[0].terms == ["fitnet"] and st[1].terms == ["kd", "adversary"]
+    with pytest.raises(ConfigError, match="not an index"):
+        load_config(f, ["stages.5.epochs=1"])
+
+
+def test_every_preset_and_pairwise_combination_validates():
+    from fairdistill.methods.presets import PRESETS
+
+    for a in PRESETS:
+        for b in PRESETS:
+            cfg = load_config(data={"method": f"{a}+{b}"})
+            named = {t for s in stage_list(cfg) for t in (s.terms if s.terms is not None else cfg.terms)}
+            assert named == set(cfg.terms), (a, b)

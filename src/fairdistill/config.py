@@ -102,6 +102,7 @@ class StageConfig:
     the active terms (None: all). ``ce_weight``: weight of the cross-entropy on labels.
     ``train``: what is optimised: ``student`` and/or term names (None: the student and every
     active term). ``optim`` / ``schedule``: overrides of the run's sections for this stage.
+    ``teacher_bn_mode``: overrides ``teacher.bn_mode`` in this stage (e.g. AB's initialisation).
     """
 
     name: str = "main"
@@ -112,6 +113,7 @@ class StageConfig:
     train: Union[list, None] = None
     optim: dict = field(default_factory=dict)
     schedule: dict = field(default_factory=dict)
+    teacher_bn_mode: Union[str, None] = None
 
 
 @dataclass
@@ -259,33 +261,50 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set each dotted key; an integer part indexes into a list (``stages.0.epochs=2``)."""
     data = copy.deepcopy(data)
     for text in overrides:
         parts, value = parse_override(text)
         node = data
-        for p in parts[:-1]:
-            if not isinstance(node.get(p), dict):
-                node[p] = {}
-            node = node[p]
-        node[parts[-1]] = value
+        for i, p in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not p.isdigit() or int(p) >= len(node):
+                    raise ConfigError(f"override {text!r}: {p!r} is not an index of a list of {len(node)} items")
+                p = int(p)
+                if last:
+                    node[p] = value
+                else:
+                    node = node[p]
+                continue
+            if last:
+                node[p] = value
+            else:
+                if not isinstance(node.get(p), (dict, list)):
+                    node[p] = {}
+                node = node[p]
     return data
 
 
-def resolve(data: dict) -> dict:
-    """Expand the ``method`` presets under the explicit values (explicit keys win)."""
-    from .methods.presets import expand_method
+def resolve(data: dict, overrides: list[str] = ()) -> dict:
+    """Expand the ``method`` presets under the explicit values, then apply ``overrides``.
 
-    preset = expand_method(str(data.get("method", "scratch")))
-    return deep_merge(preset, data)
+    Overrides are applied before (to read ``method``) and again after the expansion (so they can
+    reach into a preset's stages, e.g. ``stages.0.epochs=2``).
+    """
+    from .methods.presets import attach_unstaged_terms, expand_method
+
+    first = apply_overrides(data, list(overrides))
+    full = deep_merge(expand_method(str(first.get("method", "scratch"))), data)
+    return attach_unstaged_terms(apply_overrides(full, list(overrides)))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), data: dict | None = None) -> RunConfig:
-    """Read ``path`` (or use ``data``), apply overrides and presets, validate, and return a RunConfig."""
+    """Read ``path`` (or use ``data``), apply presets and overrides, validate, and return a RunConfig."""
     raw = read_yaml(path) if path is not None else copy.deepcopy(data or {})
-    raw = apply_overrides(raw, list(overrides))
     if path is not None and not raw.get("name"):
         raw["name"] = Path(path).stem
-    cfg = from_dict(RunConfig, resolve(raw))
+    cfg = from_dict(RunConfig, resolve(raw, overrides))
     validate(cfg)
     return cfg
 
@@ -335,6 +354,8 @@ def validate(cfg: RunConfig) -> None:
         for t in st.terms or []:
             if t not in cfg.terms:
                 raise ConfigError(f"stages[{i}].terms: no term named {t!r}.{suggest(t, cfg.terms)} Terms: {', '.join(cfg.terms) or 'none'}.")
+        if st.teacher_bn_mode is not None:
+            check_choice(f"stages[{i}].teacher_bn_mode", st.teacher_bn_mode, CHOICES["teacher.bn_mode"])
         for t in st.train or []:
             if t != "student" and t not in cfg.terms:
                 raise ConfigError(f"stages[{i}].train: {t!r} is neither 'student' nor a term name.")

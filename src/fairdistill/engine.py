@@ -131,6 +131,16 @@ def evaluate(model: nn.Module, loader: BatchLoader, num_classes: int, num_groups
     return out
 
 
+class Reiterable:
+    """Each iteration runs one fresh pass of ``loader.epoch(0)`` (unaugmented, in order)."""
+
+    def __init__(self, loader: BatchLoader):
+        self.loader = loader
+
+    def __iter__(self):
+        return iter(self.loader.epoch(0))
+
+
 # ----------------------------------------------------------------------------- stage
 
 
@@ -236,6 +246,8 @@ class Trainer:
         self.teacher = load_teacher(cfg, self.num_classes, self.device)
         self.objective = Objective(cfg.terms).to(self.device)
         self.stages = self._build_stages()
+        self._teacher_bn_train = self.teacher is not None and any(
+            (s.cfg.teacher_bn_mode or cfg.teacher.bn_mode) == "train" for s in self.stages)
         self._setup_terms()
 
     # -- construction ----------------------------------------------------------
@@ -300,11 +312,11 @@ class Trainer:
                 self.teacher.eval()
                 t_feat = self.teacher.forward_features(x)
         self.student.train(modes[0])
-        train_batches = BatchLoader(self.train_set, self.cfg.data.batch_size, sampler="sequential", device=self.device)
+        train_batches = Reiterable(BatchLoader(self.train_set, self.cfg.data.batch_size, sampler="sequential", device=self.device))
         ctx = SetupContext(
             student=self.student, teacher=self.teacher, student_features=s_feat, teacher_features=t_feat,
             sample_x=x, num_classes=self.num_classes, num_groups=self.num_groups, device=self.device,
-            train_batches=train_batches.epoch(0), terms=dict(self.objective.terms.items()),
+            train_batches=train_batches, terms=dict(self.objective.terms.items()),
         )
         for term in self.objective.terms.values():
             term.setup(ctx)
@@ -343,10 +355,10 @@ class Trainer:
 
     def _train_epoch(self, stage: Stage, epoch: int, global_epoch: int) -> dict:
         torch.manual_seed(epoch_seed(self.cfg.seed, global_epoch))
-        self.student.train()
+        self.student.train(stage.train_student)  # a frozen student keeps its BN statistics
         self.objective.train()
         if self.teacher is not None:
-            set_bn_mode(self.teacher, self.cfg.teacher.bn_mode)
+            set_bn_mode(self.teacher, stage.cfg.teacher_bn_mode or self.cfg.teacher.bn_mode)
         weights = self.objective.current_weights(stage.active, epoch, stage.cfg.epochs)
         sums: dict[str, torch.Tensor] = {}
         n = 0
@@ -419,8 +431,7 @@ class Trainer:
                 rd.save_checkpoint({
                     "format": 1, "version": __version__, "stage": done_stage, "epoch": next_epoch,
                     "model": self.student.state_dict(), "objective": self.objective.state_dict(),
-                    "teacher_buffers": (dict(self.teacher.named_buffers()) if self.teacher is not None
-                                        and cfg.teacher.bn_mode == "train" else {}),
+                    "teacher_buffers": dict(self.teacher.named_buffers()) if self._teacher_bn_train else {},
                     "optim": main.state_dict() if main else {}, "term_optim": {k: o.state_dict() for k, o in own.items()},
                     "plateau": plateau.state_dict() if plateau else {}, "history": history,
                     "elapsed": elapsed0 + time.perf_counter() - t0,
