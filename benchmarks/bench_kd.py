@@ -20,8 +20,11 @@ from fairdistill.methods.objective import Objective  # noqa: E402
 from fairdistill.models import build_model  # noqa: E402
 
 
-def stepper(cfg: RunConfig, student, teacher, x, y, g):
+def stepper(cfg: RunConfig, student, teacher, x, y, g, setup=None):
+    """A zero-argument callable running one ``train_step`` of ``cfg``'s objective on (x, y, g)."""
     objective = Objective(cfg.terms)
+    if setup is not None:
+        setup(objective)
     stage = resolve_stage(0, StageConfig(), cfg, objective)
     opt = make_optimizer(list(student.parameters()) + list(objective.parameters()), cfg.optim)
     weights = objective.current_weights(stage.active, 0, 1)
