@@ -108,11 +108,15 @@ def test_two_ranks_see_the_single_process_rows(sampler, drop_last):
             assert torch.equal(t_whole[0::2], t0) and torch.equal(t_whole[1::2], t1)
 
 
-def test_last_batch_smaller_than_world_size_is_dropped():
+def test_every_row_is_delivered_even_when_fewer_than_processes():
     ds = make_dataset(n=13)  # 13 = 3 * 4 + 1: one row left for 4 processes
     ranks = [BatchLoader(ds, 1, sampler="sequential", rank=r, world_size=4) for r in range(4)]
-    assert all(len(r) == 3 and r.num_samples == 3 for r in ranks)
-    assert len(BatchLoader(ds, 4, sampler="sequential")) == 4
+    assert all(len(r) == 4 for r in ranks) and [r.num_samples for r in ranks] == [4, 3, 3, 3]
+    last = [list(r.epoch(0))[-1] for r in ranks]
+    assert [len(b[0]) for b in last] == [1, 0, 0, 0] and last[1][0].shape == (0, 3, 6, 5)
+    assert int(last[0][1]) == int(ds.labels[12])
+    dropped = [BatchLoader(ds, 1, sampler="sequential", drop_last=True, rank=r, world_size=4) for r in range(4)]
+    assert all(len(r) == 3 and r.num_samples == 3 for r in dropped)
 
 
 def test_balanced_loader_epoch_is_balanced():

@@ -38,10 +38,11 @@ epoch of 10 steps):
   mean 97.1 % and 2.1.
 
 The skew-0.5 control shows that the unfairness comes from the skew, not from gray digits being
-harder; the balanced sampler (SS, 20 epochs of 2280 samples = the same number of steps) removes
-most of it, as SS does on CIFAR-10S (MFD supplement, Table 2). In tuning runs at 16x16 the same network
-needed ~1 s per epoch and was far from converged after 15 epochs (accuracy 63-89 % across
-seeds), hence ``size=8`` by default.
+harder; the balanced sampler (SS, 20 epochs of 2280 samples: 360 steps against 400) removes
+most of it, as SS does on CIFAR-10S (MFD supplement, Table 2). With ``size=16`` the same
+network needs 1.1 s per epoch; 15 epochs (about 16 s) give accuracy 83.8 / 86.0 / 80.6 % and
+DEO_A 22.4 / 21.4 / 24.8 (mean 83.5 % and 22.9), 20 epochs 88.3 / 87.4 / 78.2 % and 18.1 / 19.0
+/ 36.6: also biased, but slower to converge and more seed-dependent, hence ``size=8`` by default.
 """
 from __future__ import annotations
 

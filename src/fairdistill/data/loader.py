@@ -31,9 +31,10 @@ class BatchLoader:
     crop; ``flip``: random horizontal flip), then normalised with the dataset's ``mean``/``std``
     when it has them. y, g: int64 (b,). ``batch_size`` is per process; the global batch holds
     ``batch_size * world_size`` rows, and the balanced sampler's per-cell quota is computed from
-    the global batch. With ``drop_last=False`` the last, smaller global batch is kept, except that
-    with ``world_size > 1`` a last batch with fewer rows than processes is dropped so that no
-    process gets an empty batch.
+    the global batch. ``drop_last=True`` drops the last, smaller global batch; with
+    ``drop_last=False`` every row is delivered (evaluation must see every item), so when that last
+    batch has fewer rows than processes some processes get an empty (0-row) batch in the last
+    step. Every process yields ``len(loader)`` batches, so collective calls stay in step.
     """
 
     def __init__(
@@ -97,7 +98,7 @@ class BatchLoader:
         """(start, stop) of each global batch within the epoch's index order."""
         full, rest = divmod(self.epoch_size, self.global_batch)
         bounds = [(i * self.global_batch, (i + 1) * self.global_batch) for i in range(full)]
-        if rest and not self.drop_last and rest >= self.world_size:
+        if rest and not self.drop_last:
             bounds.append((full * self.global_batch, self.epoch_size))
         return bounds
 
