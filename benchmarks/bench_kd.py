@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved  # noqa: E402
 
 from fairdistill.config import RunConfig, StageConfig, from_dict  # noqa: E402
-from fairdistill.engine import make_optimizer, resolve_stage, train_step  # noqa: E402
+from fairdistill.engine import StudentStep, make_optimizer, resolve_stage, train_step  # noqa: E402
 from fairdistill.methods.objective import Objective  # noqa: E402
 from fairdistill.models import build_model  # noqa: E402
 
@@ -28,7 +28,8 @@ def stepper(cfg: RunConfig, student, teacher, x, y, g, setup=None):
     stage = resolve_stage(0, StageConfig(), cfg, objective)
     opt = make_optimizer(list(student.parameters()) + list(objective.parameters()), cfg.optim)
     weights = objective.current_weights(stage.active, 0, 1)
-    return lambda: train_step(student, teacher, objective, stage, [opt], x, y, g, 0, weights)
+    step = StudentStep(student, objective)
+    return lambda: train_step(step, teacher, stage, [opt], x, y, g, 0, weights)
 
 
 def main(argv=None) -> None:

@@ -121,7 +121,7 @@ class RunConfig:
     """One training run. See the README for every key."""
 
     name: str = ""  #: a label for tables (defaults to the config file's stem)
-    out: str = ""  #: run directory (default ``runs/<name>/seed<seed>``)
+    out: str = ""  #: run directory (default ``runs/<data.name>/<name>/seed<seed>``)
     seed: int = 0
     epochs: int = 50
     device: str = "cpu"  #: cpu | cuda | cuda:N
@@ -136,6 +136,9 @@ class RunConfig:
     eval_every: int = 1  #: evaluate on the test set every N epochs (and always at the end)
     progress: bool = True  #: show a progress line while training
     deterministic: bool = True  #: ask PyTorch for deterministic kernels
+    amp: str = "off"  #: mixed precision: off | bf16 | fp16 (fp16 uses a GradScaler)
+    channels_last: bool = False  #: NHWC memory layout for models and inputs
+    compile: bool = False  #: torch.compile the student's and teacher's forwards
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -310,6 +313,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), data:
 
 
 CHOICES = {
+    ".amp": ("off", "bf16", "fp16"),
     "data.sampler": ("uniform", "balanced"),
     "teacher.bn_mode": ("eval", "train"),
     "optim.name": ("adam", "sgd"),
@@ -331,7 +335,7 @@ def validate(cfg: RunConfig) -> None:
 
     for key, choices in CHOICES.items():
         section, attr = key.split(".")
-        check_choice(key, getattr(getattr(cfg, section), attr), choices)
+        check_choice(key.lstrip("."), getattr(getattr(cfg, section) if section else cfg, attr), choices)
     for key, value in (("seed", cfg.seed), ("epochs", cfg.epochs), ("eval_every", cfg.eval_every - 1),
                        ("data.batch_size", cfg.data.batch_size - 1), ("data.eval_batch_size", cfg.data.eval_batch_size - 1),
                        ("data.padding", cfg.data.padding)):

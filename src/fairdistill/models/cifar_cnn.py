@@ -22,13 +22,13 @@ from .base import MODELS, FeatureModel, Features
 class MFDCNN(FeatureModel):
     """The CIFAR-10S CNN for ``image_size`` x ``image_size`` inputs (``image_size`` divisible by 8)."""
 
-    def __init__(self, num_classes: int, image_size: int = 32, in_channels: int = 3):
+    def __init__(self, num_classes: int, image_size: int = 32, in_channels: int = 3, dropout: float = 0.25):
         super().__init__()
         self.image_size = image_size
         widths = [in_channels, 32, 32, 64, 64, 128, 128]
         for i in range(6):
             setattr(self, f"conv{i + 1}", nn.Conv2d(widths[i], widths[i + 1], 3, padding=1))
-        self.drop = nn.Dropout(0.25)
+        self.drop = nn.Dropout(dropout)
         self.fc1 = nn.Linear(128 * (image_size // 8) ** 2, 256)
         self.last = nn.Linear(256, num_classes)
         self.stage_channels = [32, 64, 128]
@@ -57,8 +57,10 @@ class MFDCNN(FeatureModel):
 
 
 @MODELS.register("mfd-cnn")
-def mfd_cnn(num_classes: int, image_size: int = 32, in_channels: int = 3) -> MFDCNN:
-    """MFD's CIFAR-10S CNN."""
+def mfd_cnn(num_classes: int, image_size: int = 32, in_channels: int = 3, dropout: float = 0.25) -> MFDCNN:
+    """MFD's CIFAR-10S CNN; ``dropout`` is the rate after each block (0.25 in MFD's code)."""
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        raise ConfigError(f"mfd-cnn: option dropout={dropout!r} is invalid; expected a number in [0, 1).")
     for name, v in (("image_size", image_size), ("in_channels", in_channels), ("num_classes", num_classes)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ConfigError(f"mfd-cnn: {name}={v!r} is invalid; expected an integer >= 1.")
@@ -67,4 +69,4 @@ def mfd_cnn(num_classes: int, image_size: int = 32, in_channels: int = 3) -> MFD
             f"mfd-cnn: option image_size={image_size} is invalid; expected a multiple of 8 "
             "(three 2x2 max-poolings), e.g. 32."
         )
-    return MFDCNN(num_classes, image_size, in_channels)
+    return MFDCNN(num_classes, image_size, in_channels, float(dropout))
