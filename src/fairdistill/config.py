@@ -136,6 +136,7 @@ class RunConfig:
     eval_every: int = 1  #: evaluate on the test set every N epochs (and always at the end)
     progress: bool = True  #: show a progress line while training
     deterministic: bool = True  #: ask PyTorch for deterministic kernels
+    threads: int = 0  #: CPU threads for PyTorch (0: PyTorch's default)
     amp: str = "off"  #: mixed precision: off | bf16 | fp16 (fp16 uses a GradScaler)
     channels_last: bool = False  #: NHWC memory layout for models and inputs
     compile: bool = False  #: torch.compile the student's and teacher's forwards
@@ -336,11 +337,11 @@ def validate(cfg: RunConfig) -> None:
     for key, choices in CHOICES.items():
         section, attr = key.split(".")
         check_choice(key.lstrip("."), getattr(getattr(cfg, section) if section else cfg, attr), choices)
-    for key, value in (("seed", cfg.seed), ("epochs", cfg.epochs), ("eval_every", cfg.eval_every - 1),
+    for key, value in (("seed", cfg.seed), ("epochs", cfg.epochs), ("threads", cfg.threads), ("eval_every", cfg.eval_every - 1),
                        ("data.batch_size", cfg.data.batch_size - 1), ("data.eval_batch_size", cfg.data.eval_batch_size - 1),
                        ("data.padding", cfg.data.padding)):
         if value < 0:
-            raise ConfigError(f"{key}: must be {'>= 0' if key in ('seed', 'epochs', 'data.padding') else '>= 1'}")
+            raise ConfigError(f"{key}: must be {'>= 0' if key in ('seed', 'epochs', 'threads', 'data.padding') else '>= 1'}")
     if not (cfg.device == "cpu" or cfg.device == "cuda" or cfg.device.startswith("cuda:")):
         raise ConfigError(f"device: expected cpu, cuda or cuda:N, got {cfg.device!r}")
     if cfg.optim.lr <= 0:

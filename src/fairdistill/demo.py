@@ -1,6 +1,7 @@
 """The main job of ``make demo``: a teacher and students on the embedded digits-s data set.
 
-Every row is a config in ``configs/digits_s/``; the teacher is trained first and the students
+Every row is a config in ``configs/digits_s/``; the teacher is trained first (with seed
+1000 + s, so that it is a different network from the scratch student of seed s) and the students
 that need it read it through ``teacher.run``. Finished runs are reused (never overwritten) and
 unfinished ones resumed, so a second ``make demo`` only prints the table.
 """
@@ -16,9 +17,13 @@ from .errors import ConfigError
 from .rundir import RunDir
 
 TEACHER = ("Teacher (scratch)", "teacher.yaml")
+TEACHER_SEED_OFFSET = 1000
 ROWS = [
     ("Student (scratch)", "scratch.yaml"),
     ("HKD", "hkd.yaml"),
+    ("SS", "ss.yaml"),
+    ("OFD", "ofd.yaml"),
+    ("MFD", "mfd.yaml"),
 ]
 
 
@@ -57,7 +62,8 @@ def run_demo(out: str = "runs/demo", configs: str = "configs/digits_s", seeds: i
         teacher_dir = f"{out}/teacher/seed{seed}"
         common = [*overrides, f"seed={seed}"]
         print(f"== seed {seed}: {TEACHER[0]}")
-        results.setdefault(TEACHER[0], []).append(run_or_reuse(folder / TEACHER[1], [*common, f"out={teacher_dir}"]))
+        teacher_args = [*overrides, f"seed={TEACHER_SEED_OFFSET + seed}", f"out={teacher_dir}"]
+        results.setdefault(TEACHER[0], []).append(run_or_reuse(folder / TEACHER[1], teacher_args))
         for name, file in ROWS:
             print(f"== seed {seed}: {name}")
             run_out = f"{out}/{Path(file).stem}/seed{seed}"

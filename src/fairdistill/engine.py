@@ -33,7 +33,7 @@ from .rundir import RunDir, write_json, write_text
 
 # ----------------------------------------------------------------------------- helpers
 
-RESUMABLE = ("progress", "device", "compile")
+RESUMABLE = ("progress", "device", "compile", "threads")
 """Config keys that may differ when a run is resumed (e.g. continue a CUDA run on the CPU)."""
 
 
@@ -305,6 +305,8 @@ class Trainer:
         self.dist, self.device = setup_distributed(cfg.device)
         self.is_main = self.dist.is_main
         torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
         self._build_data()
         self.student = build_model(cfg.model.name, self.num_classes, **cfg.model.options).to(self.device)
