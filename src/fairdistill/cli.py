@@ -1,4 +1,4 @@
-"""Command-line interface: ``fairdistill train | eval | demo``."""
+"""Command-line interface: ``fairdistill train | eval | demo | sweep | report | tsne``."""
 from __future__ import annotations
 
 import argparse
@@ -48,6 +48,39 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .experiments import load_spec, run_sweep
+
+    spec = load_spec(args.spec, args.overrides, out=args.out, jobs=args.jobs)
+    try:
+        summary = run_sweep(spec, dry_run=args.dry_run)
+    except KeyboardInterrupt:
+        print("fairdistill: sweep interrupted; run the same command again to resume it", file=sys.stderr)
+        return 130
+    if not args.dry_run:
+        print(f"table: fairdistill report {spec.out}")
+    return 0 if summary.ok else 1
+
+
+def cmd_report(args) -> int:
+    from .experiments import write_report
+
+    text, files = write_report(args.dir, plot=not args.no_plot)
+    print(text)
+    print("written: " + ", ".join(str(f) for f in files), file=sys.stderr)
+    return 0
+
+
+def cmd_tsne(args) -> int:
+    from .plots import tsne_run
+
+    settings = {k: v for k, v in (("perplexity", args.perplexity), ("max_iter", args.max_iter),
+                                  ("random_state", args.random_state)) if v is not None}
+    out = tsne_run(args.run_dir, out=args.out, max_points=args.max_points, device=args.device, **settings)
+    print(f"written: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fairdistill", description="Knowledge distillation with accuracy and group fairness.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -70,6 +103,29 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seeds", type=int, default=1, help="seeds per row (mean +- std when > 1)")
     d.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
     d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("sweep", help="train a grid of configs x seeds from a spec file (specs/)")
+    s.add_argument("spec", help="YAML spec: name, seeds, rows (name, config, overrides, teacher), layout")
+    s.add_argument("overrides", nargs="*", help="key=value overrides applied to every run of the sweep")
+    s.add_argument("--jobs", type=int, default=None, help="runs at once (default: the spec's jobs)")
+    s.add_argument("--out", default=None, help="sweep folder (default: the spec's out, else runs/sweeps/<name>)")
+    s.add_argument("--dry-run", action="store_true", help="print what would run, resume, be skipped or left alone")
+    s.set_defaults(func=cmd_sweep)
+
+    r = sub.add_parser("report", help="aggregate a sweep folder into the paper's table (Markdown, CSV, plot)")
+    r.add_argument("dir", help="the sweep folder (holds spec.yaml)")
+    r.add_argument("--no-plot", action="store_true", help="do not draw accuracy_vs_deo.png")
+    r.set_defaults(func=cmd_report)
+
+    ts = sub.add_parser("tsne", help="t-SNE of a run's test-set embeddings as PNG (MFD supplement 1.4 settings)")
+    ts.add_argument("run_dir")
+    ts.add_argument("--out", default=None, help="PNG file (default RUN_DIR/tsne.png)")
+    ts.add_argument("--max-points", type=int, default=None, help="a random subset of the test set of this size")
+    ts.add_argument("--perplexity", type=float, default=None, help="default 200 (the supplement)")
+    ts.add_argument("--max-iter", type=int, default=None, help="default 250 (the supplement)")
+    ts.add_argument("--random-state", type=int, default=None, help="default 5 (the supplement)")
+    ts.add_argument("--device", default=None, help="override the run's device (cpu, cuda)")
+    ts.set_defaults(func=cmd_tsne)
     return p
 
 

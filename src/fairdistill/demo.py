@@ -7,13 +7,13 @@ unfinished ones resumed, so a second ``make demo`` only prints the table.
 """
 from __future__ import annotations
 
-import statistics
 import time
 from pathlib import Path
 
 from .config import load_config
 from .engine import train
 from .errors import ConfigError
+from .experiments import RowRuns, RowSpec, mfd_table
 from .rundir import RunDir
 
 TEACHER = ("Teacher (scratch)", "teacher.yaml")
@@ -36,20 +36,10 @@ def run_or_reuse(config: Path, overrides: list[str]) -> dict:
     return train(cfg, resume=rd.started)
 
 
-def mean_std(values: list[float]) -> str:
-    values = [100 * v for v in values]
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
 def table(rows: list[tuple[str, list[dict]]]) -> str:
     """A Markdown table: one row per method, accuracy / DEO_A / DEO_M x100 (mean ± std over seeds)."""
-    lines = ["| Method | Accuracy | DEO_A | DEO_M |", "|---|---:|---:|---:|"]
-    for name, results in rows:
-        cells = [mean_std([r["final"][k] for r in results]) for k in ("accuracy", "deo_a", "deo_m")]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    entries = [RowRuns(RowSpec(name=name, label=name, seeds=list(range(len(rs)))), rs, []) for name, rs in rows]
+    return mfd_table(entries, with_paper=False)[0]
 
 
 def run_demo(out: str = "runs/demo", configs: str = "configs/digits_s", seeds: int = 1, overrides=()) -> str:
