@@ -49,6 +49,17 @@ class FeatureModel(nn.Module):
         return [None] * len(self.stage_channels)
 
 
+def kaiming_init(model: nn.Module) -> None:
+    """He et al.'s initialisation as torchvision's ResNets: convolutions ~ kaiming normal
+    (fan_out, ReLU gain), BatchNorm weight 1 and bias 0; other layers keep PyTorch's defaults."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (trainable or not) of ``model``."""
     return sum(p.numel() for p in model.parameters())

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import MODELS, FeatureModel, Features
+from .base import MODELS, FeatureModel, Features, kaiming_init
 
 # (input channels, output channels, stride) of the 13 conv_dw blocks, model[1]..model[13].
 CONV_DW = [
@@ -48,12 +48,7 @@ class MobileNetV1(FeatureModel):
         self.model = nn.Sequential(conv_bn(3, 32, 2), *[conv_dw(i, o, s) for i, o, s in CONV_DW])
         self.fc = nn.Linear(1024, num_classes)
         self.stage_channels = [CONV_DW[k - 1][1] for k in STAGE_BLOCKS]
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        kaiming_init(self)
 
     def stage_bns(self) -> list[nn.Module | None]:
         return [self.model[k][4] for k in STAGE_BLOCKS]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .base import MODELS, FeatureModel, Features
+from .base import MODELS, FeatureModel, Features, kaiming_init
 
 
 def _shortcut(x: torch.Tensor, stride: int, channels: int) -> torch.Tensor:
@@ -144,12 +144,7 @@ class PyramidNet(FeatureModel):
         self.bn_final = nn.BatchNorm2d(in_planes)
         self.fc = nn.Linear(in_planes, num_classes)
         self.stage_channels = [bn.num_features for bn in self.stage_bns()]
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        kaiming_init(self)
 
     def forward_features(self, x: torch.Tensor) -> Features:
         g1 = self.layer1(self.bn1(self.conv1(x)))

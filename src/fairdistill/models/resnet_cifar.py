@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .base import MODELS, FeatureModel, Features
+from .base import MODELS, FeatureModel, Features, kaiming_init
 
 
 class BasicBlock(nn.Module):
@@ -58,12 +58,7 @@ class CifarResNet(FeatureModel):
         self.layer3 = self._stage(32, 64, n, 2)
         self.fc = nn.Linear(64, num_classes)
         self.stage_channels = [16, 32, 64]
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        kaiming_init(self)
 
     @staticmethod
     def _stage(in_planes: int, planes: int, n: int, stride: int) -> nn.Sequential:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .base import MODELS, FeatureModel, Features
+from .base import MODELS, FeatureModel, Features, kaiming_init
 
 
 class WideBasic(nn.Module):
@@ -93,12 +93,7 @@ class WideResNet(FeatureModel):
         self.bn1 = nn.BatchNorm2d(widths[3])
         self.fc = nn.Linear(widths[3], num_classes)
         self.stage_channels = widths[1:]
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        kaiming_init(self)
         nn.init.zeros_(self.fc.bias)
 
     def forward_features(self, x: torch.Tensor) -> Features:
