@@ -50,7 +50,6 @@ LOG = "train.log"  #: each run's captured output, next to its files
 SPEC_COPY = "spec.yaml"  #: the effective spec, saved in the sweep folder when it starts
 STATUS = "sweep_status.json"  #: the last sweep invocation's counts and wall time
 LOCK = "sweep.lock"  #: held (with the process id) while a sweep runs in the folder
-ENDED = ("done", "failed", "skipped", "conflict")
 
 
 # ----------------------------------------------------------------------------- spec
@@ -162,7 +161,10 @@ def _check_overrides(overrides: list, key: str) -> None:
     for o in overrides:
         if not isinstance(o, str):
             raise ConfigError(f"{key}: expected 'key=value' strings, got {o!r}")
-        parse_override(o)
+        name = parse_override(o)[0][0]
+        if name in ("seed", "out"):
+            where = "the spec's seeds (or a row's seeds)" if name == "seed" else "the spec's out (or --out)"
+            raise ConfigError(f"{key}: {o!r}: the sweep sets {name} of every run; use {where}")
 
 
 def check_spec(spec: SweepSpec, where: str = "spec") -> None:
