@@ -1,6 +1,7 @@
 """OFD: BN margin (supplement Eq. 4), partial L2, margin estimate, connector and the ofd term."""
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -11,8 +12,8 @@ from test_methods_fakes import TinyNet, grads_of, make_ctx, make_input, randomiz
 
 from fairdistill.errors import ConfigError
 from fairdistill.methods.base import TERMS
-from fairdistill.methods.connectors import Connector
-from fairdistill.methods.ofd import NegativeMean, bn_margin, partial_l2
+from fairdistill.methods.connectors import Connector, _ConvBatchNorm
+from fairdistill.methods.ofd import NegativeMean, bn_margin, connector_partial_l2, partial_l2
 
 torch.set_num_threads(1)
 
@@ -109,6 +110,50 @@ def test_partial_l2_bad_shapes():
         partial_l2(torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4), torch.zeros(4))
 
 
+def autograd_partial_l2(s, t, m):
+    """Reference: the masked form differentiated by autograd (teacher side constant)."""
+    m = m.reshape(1, -1, *([1] * (s.dim() - 2)))
+    target = torch.max(t, m)
+    keep = (s > target) | (t > 0)
+    return ((s.double() - target.double()) ** 2 * keep).sum()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_partial_l2_gradient_is_twice_the_kept_difference(channels_last):
+    gen = torch.Generator().manual_seed(4)
+    s = torch.randint(-8, 8, (3, 4, 5, 5), generator=gen) * 0.25
+    t = torch.randint(-8, 8, (3, 4, 5, 5), generator=gen) * 0.25
+    m = -torch.tensor([0.5, 1.0, 0.25, 1.5])
+    if channels_last:
+        s, t = s.contiguous(memory_format=torch.channels_last), t.contiguous(memory_format=torch.channels_last)
+    s1, s2 = s.clone().requires_grad_(), s.clone().requires_grad_()
+    partial_l2(s1, t, m).backward()
+    autograd_partial_l2(s2, t, m).backward()
+    assert torch.equal(s1.grad, s2.grad.float())
+    assert (s1.grad == 0).any() and (s1.grad != 0).any()
+
+
+def test_partial_l2_long_sums_stay_accurate():
+    gen = torch.Generator().manual_seed(5)
+    s = torch.randn(8, 16, 64, 64, generator=gen) * 3 + 2
+    t = torch.randn(8, 16, 64, 64, generator=gen)
+    m = -torch.rand(16, generator=gen)
+    expected = autograd_partial_l2(s.double(), t.double(), m.double()).item()
+    assert partial_l2(s, t, m).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_partial_l2_half_inputs_sum_in_float32_and_target_gets_no_gradient():
+    gen = torch.Generator().manual_seed(6)
+    s = (torch.randn(2, 3, 4, 4, generator=gen)).half().requires_grad_()
+    t = torch.randn(2, 3, 4, 4, generator=gen).half().requires_grad_()
+    m = -torch.rand(3, generator=gen)
+    loss = partial_l2(s, t, m)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(autograd_partial_l2(s.float(), t.float(), m).item(), rel=1e-6)
+    loss.backward()
+    assert s.grad.dtype == torch.float16 and t.grad is None
+
+
 # ---- margin estimate -------------------------------------------------------------------------
 
 def test_negative_mean_over_batches_and_fallback():
@@ -133,6 +178,120 @@ def test_connector_structure_and_init():
     assert torch.equal(bn.weight, torch.ones(256)) and torch.equal(bn.bias, torch.zeros(256))
     assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / 256), rel=0.03)
     assert not any(isinstance(m, torch.nn.ReLU) for m in conn.modules())
+
+
+def reference_pair(s_channels=5, t_channels=7, seed=0, dtype=torch.float32):
+    """A Connector with non-trivial BN parameters and a deep copy run as plain conv + BN."""
+    torch.manual_seed(seed)
+    conn = Connector(s_channels, t_channels).to(dtype)
+    with torch.no_grad():
+        conn[1].weight.uniform_(0.5, 2.0)
+        conn[1].bias.normal_()
+    return conn, copy.deepcopy(conn)
+
+
+def plain(conn, x):
+    return torch.nn.Sequential.forward(conn, x)
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_connector_training_matches_conv_then_batch_norm(channels_last, dtype, tol):
+    conn, ref = reference_pair(dtype=dtype)
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.randn(4, 5, 6, 6, generator=gen) * 2 + 3).to(dtype)  # a mean far from 0
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(4, 7, 6, 6, generator=gen).to(dtype)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = conn(x1), plain(ref, x2)
+    assert y1.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert rel_err(y1, y2) < tol
+    (y1 * weight).sum().backward()
+    (y2 * weight).sum().backward()
+    assert rel_err(x1.grad, x2.grad) < tol
+    for p, q in zip(conn.parameters(), ref.parameters()):
+        assert rel_err(p.grad, q.grad) < tol
+    for name in ("running_mean", "running_var"):
+        assert rel_err(getattr(conn[1], name), getattr(ref[1], name)) < tol
+    assert conn[1].num_batches_tracked.item() == ref[1].num_batches_tracked.item() == 1
+
+
+def test_connector_gradcheck_float64():
+    conn, _ = reference_pair(2, 3, dtype=torch.float64)
+    x = torch.randn(2, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    conv, bn = conn
+
+    def f(x, w, g, b):
+        return _ConvBatchNorm.apply(x, w, g, b, bn.eps)[0]
+
+    assert torch.autograd.gradcheck(f, (x, conv.weight, bn.weight, bn.bias))
+
+
+def test_connector_cumulative_running_stats_and_eval_mode():
+    conn, ref = reference_pair()
+    conn[1].momentum = ref[1].momentum = None
+    gen = torch.Generator().manual_seed(8)
+    for _ in range(3):
+        x = torch.randn(3, 5, 4, 4, generator=gen) + 1
+        conn(x), plain(ref, x)
+    assert torch.allclose(conn[1].running_mean, ref[1].running_mean, atol=1e-6)
+    assert torch.allclose(conn[1].running_var, ref[1].running_var, atol=1e-6)
+    conn.eval(), ref.eval()
+    x = torch.randn(3, 5, 4, 4, generator=gen)
+    assert torch.allclose(conn(x), ref(x), atol=1e-6)  # eval: running statistics
+
+
+def test_connector_under_autocast_computes_in_float32():
+    conn, ref = reference_pair()
+    x = torch.randn(2, 5, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conn(x.bfloat16())
+    assert y.dtype == torch.float32
+    assert torch.allclose(y, plain(ref, x.bfloat16().float()), atol=1e-5)
+
+
+# ---- connector + partial L2 in one pass ----------------------------------------------------------
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_connector_partial_l2_equals_the_composition(channels_last, dtype, tol):
+    conn, ref = reference_pair(dtype=dtype)
+    gen = torch.Generator().manual_seed(9)
+    x = (torch.randn(4, 5, 6, 6, generator=gen) + 1).to(dtype)
+    t = torch.randn(4, 7, 6, 6, generator=gen).to(dtype)
+    t[0, 0, :2] = 0.0  # ties F_t == 0
+    m = -torch.rand(7, generator=gen).to(dtype)
+    if channels_last:
+        x, t = x.contiguous(memory_format=torch.channels_last), t.contiguous(memory_format=torch.channels_last)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    l1 = connector_partial_l2(conn, x1, t, m)
+    l2 = autograd_partial_l2(plain(ref, x2), t, m)
+    assert l1.item() == pytest.approx(l2.item(), rel=tol)
+    (3 * l1).backward()
+    (3 * l2).backward()
+    assert rel_err(x1.grad, x2.grad) < tol
+    assert x1.grad.is_contiguous(memory_format=torch.channels_last) == channels_last
+    for p, q in zip(conn.parameters(), ref.parameters()):
+        assert rel_err(p.grad, q.grad) < tol
+    for name in ("running_mean", "running_var"):
+        assert rel_err(getattr(conn[1], name), getattr(ref[1], name)) < tol
+
+
+def test_connector_partial_l2_eval_mode_and_bad_shapes():
+    conn, ref = reference_pair()
+    x, t, m = torch.randn(2, 5, 3, 3), torch.randn(2, 7, 3, 3), -torch.rand(7)
+    conn.eval(), ref.eval()
+    assert connector_partial_l2(conn, x, t, m).item() == pytest.approx(partial_l2(ref(x), t, m).item(), rel=1e-6)
+    conn.train()
+    with pytest.raises(ValueError, match="shape"):
+        connector_partial_l2(conn, x, torch.randn(2, 6, 3, 3), m)
+    with pytest.raises(ValueError, match="margins"):
+        connector_partial_l2(conn, x, t, -torch.rand(6))
 
 
 # ---- the ofd term ----------------------------------------------------------------------------
@@ -185,6 +344,26 @@ def test_ofd_gradients_reach_student_and_connectors_not_teacher():
     assert all(g is not None and g.abs().sum() > 0 for g in grads_of(term.connectors))
     assert all(g is not None for g in grads_of(student.convs))
     assert all(g is None for g in grads_of(teacher))
+
+
+def test_ofd_gradients_match_plain_connectors_and_the_masked_form():
+    student, teacher, x = pair()
+    term = build(student, teacher, x)
+    ref_connectors = copy.deepcopy(term.connectors)
+    student.train()
+    inp = make_input(student, teacher, x)
+    stages = [f.detach().requires_grad_() for f in inp.student.stages]
+    ref_stages = [f.detach().requires_grad_() for f in inp.student.stages]
+    inp.student.stages = stages
+    term(inp).backward()
+    expected = sum(
+        autograd_partial_l2(plain(ref_connectors[i], ref_stages[i]), inp.teacher.stages[i], getattr(term, f"margin_{i}"))
+        / 2 ** (1 - i) for i in range(2)) / x.shape[0]
+    expected.backward()
+    for a, b in zip(stages, ref_stages):
+        assert rel_err(a.grad, b.grad.float()) < 1e-5
+    for p, q in zip(term.connectors.parameters(), ref_connectors.parameters()):
+        assert rel_err(p.grad, q.grad) < 1e-5
 
 
 def test_ofd_estimates_margins_without_bn():

@@ -16,9 +16,23 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import TERMS, SetupContext, Term, TermInput
-from .connectors import Connector, check_choice, check_positions, check_same_spatial, paired_stages, resolve_positions
+from .connectors import (
+    Connector,
+    centre_into,
+    channel_rows,
+    check_choice,
+    check_positions,
+    check_same_spatial,
+    fold_batch_norm,
+    fold_batch_norm_grads,
+    is_channels_last,
+    left_product,
+    paired_stages,
+    resolve_positions,
+    update_running_stats,
+)
 
-__all__ = ["OFD", "NegativeMean", "bn_margin", "partial_l2"]
+__all__ = ["OFD", "NegativeMean", "bn_margin", "connector_partial_l2", "partial_l2"]
 
 PHI_MIN = 1e-3
 """Below this negative mass Phi(-beta/|gamma|) the official code uses the fallback -3|gamma|."""
@@ -47,6 +61,42 @@ def bn_margin(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return m.to(weight.device, weight.dtype)
 
 
+def _memory_order(t: torch.Tensor) -> torch.Tensor:
+    """The elements of ``t`` as one vector in storage order (a view when ``t`` is dense)."""
+    order = sorted(range(t.dim()), key=lambda i: -t.stride(i))
+    return t.permute(order).reshape(-1)
+
+
+class _PartialL2(torch.autograd.Function):
+    """partial_l2 with a one-tensor backward: the kept difference d (zero elsewhere) is saved
+    and dL/dS = 2 d. The teacher side is a constant (no gradient to target or margin)."""
+
+    @staticmethod
+    def forward(ctx, source, target, margin):
+        ctx.source_dtype = source.dtype
+        with torch.autocast(source.device.type, enabled=False):
+            dtype = torch.promote_types(source.dtype, torch.float32)
+            s, f = source.to(dtype), target.to(dtype)
+            t = torch.empty_like(s)
+            torch.maximum(f, margin.reshape(1, -1, *([1] * (s.dim() - 2))).to(dtype), out=t)
+            d = s - t
+            # Kept: S > T or F_t > 0, i.e. max(S - T, F_t) > 0; reuse t's memory for the mask.
+            keep = torch.maximum(d, f, out=t).gt_(0)
+            d.mul_(keep)
+            del t, keep
+            flat = _memory_order(d)
+            # Per-sample sums of squares keep float32 rounding small on long vectors.
+            loss = torch.linalg.vector_norm(flat.view(source.shape[0], -1), dim=1).square().sum()
+        ctx.save_for_backward(d)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (d,) = ctx.saved_tensors
+        return (d * (2 * grad)).to(ctx.source_dtype), None, None
+
+
 def partial_l2(source: torch.Tensor, target: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
     """Partial L2 distance between S = r(F_s) and the margin-ReLU teacher (§3.4, Eq. 5-6).
 
@@ -54,6 +104,7 @@ def partial_l2(source: torch.Tensor, target: torch.Tensor, margin: torch.Tensor)
     S <= T <= 0 (the student is already below a non-positive target): the kept elements are
     those with S > T or F_t > 0. ``source``/``target``: (N, C, ...) of one shape; ``margin``:
     C values (one per channel, negative). No mean is taken; the sum is in float32 at least.
+    Gradients reach ``source`` only: the teacher side (``target``, ``margin``) is a constant.
     """
     if source.shape != target.shape:
         raise ValueError(f"partial_l2: source {tuple(source.shape)} and target {tuple(target.shape)} differ in shape")
@@ -62,12 +113,83 @@ def partial_l2(source: torch.Tensor, target: torch.Tensor, margin: torch.Tensor)
             f"partial_l2: expected (N, C, ...) features and C={source.shape[1] if source.dim() > 1 else '?'} "
             f"margins, got features {tuple(source.shape)} and {margin.numel()} margins"
         )
-    m = margin.reshape(1, -1, *([1] * (source.dim() - 2))).to(target.dtype)
-    t = torch.max(target, m)
-    keep = (source > t) | (target > 0)
-    diff = source - t
-    diff = diff.to(torch.promote_types(diff.dtype, torch.float32))
-    return (diff.pow(2) * keep).sum()
+    if source.numel() == 0:
+        return source.sum(dtype=torch.promote_types(source.dtype, torch.float32))
+    return _PartialL2.apply(source, target.detach(), margin.detach())
+
+
+class _ConnectorPartialL2(torch.autograd.Function):
+    """partial_l2(Connector(x), target, margin) with the connector BN in training mode, without
+    a tensor for the connector output (see the notes in connectors.py for the folded BN).
+
+    T = max(F_t, m) is written into a buffer that the folded product turns into S - T in place;
+    the elements with S <= T and F_t <= 0 are zeroed, which leaves d with loss sum(d^2) and
+    dL/dS = 2 d. The backward reads d and [X; 1] only. Returns (loss, batch mean and biased
+    batch variance of the conv output).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, gamma, beta, target, margin, eps):
+        ctx.x_dtype = x.dtype
+        ctx.cl = cl = is_channels_last(x)
+        with torch.autocast(x.device.type, enabled=False):
+            cout, cin = weight.shape[:2]
+            w = weight.reshape(cout, cin)
+            n, _, h, wd = x.shape
+            fmt = torch.channels_last if cl else torch.contiguous_format
+            x_aug = torch.empty(n, cin + 1, h, wd, dtype=w.dtype, device=x.device, memory_format=fmt)
+            mean = centre_into(x, x_aug)
+            x_rows = channel_rows(x_aug, cl)
+            folded, w_cov, inv_std, a, var = fold_batch_norm(w, x_rows[:, :cin], gamma, beta, eps)
+            d = torch.empty(n, cout, h, wd, dtype=w.dtype, device=x.device, memory_format=fmt)
+            torch.maximum(target, margin.reshape(1, -1, 1, 1), out=d)
+            d_rows = channel_rows(d, cl)
+            d_rows.baddbmm_(folded.expand(d_rows.shape[0], -1, -1), x_rows, beta=-1)
+            # Kept where S - T > 0 or F_t > 0, i.e. max(S - T, F_t) > 0 (float masks are the fast ones).
+            keep = torch.maximum(d, target).gt_(0)
+            d.mul_(keep)
+            del keep
+            loss = torch.linalg.vector_norm(d_rows, dim=2).square().sum()
+        ctx.save_for_backward(d, x_aug, w, w_cov, inv_std, a, folded)
+        mean_z = w @ mean
+        ctx.mark_non_differentiable(mean_z, var)
+        return loss, mean_z, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, _grad_mean, _grad_var):
+        d, x_aug, w, w_cov, inv_std, a, folded = ctx.saved_tensors
+        cl = ctx.cl
+        cout, cin = w.shape
+        with torch.autocast(grad.device.type, enabled=False):
+            scale = 2 * grad.to(w.dtype)
+            d_rows, x_rows = channel_rows(d, cl), channel_rows(x_aug, cl)
+            p_aug = torch.matmul(d_rows, x_rows.transpose(1, 2)).sum(0) * scale
+            dw, dgamma, dbeta, qc = fold_batch_norm_grads(
+                w, w_cov, inv_std, a, folded, p_aug, x_rows.shape[0] * x_rows.shape[2])
+            dx = None
+            if ctx.needs_input_grad[0]:
+                shape = (x_aug.shape[0], cin, *x_aug.shape[2:])
+                dx = left_product(folded[:, :cin].T * scale, d_rows, shape, cl, plus=(qc, x_rows)).to(ctx.x_dtype)
+        return dx, dw.view(cout, cin, 1, 1), dgamma, dbeta, None, None, None
+
+
+def connector_partial_l2(connector: Connector, source: torch.Tensor, target: torch.Tensor,
+                         margin: torch.Tensor) -> torch.Tensor:
+    """``partial_l2(connector(source), target, margin)``, fused when the connector's BN is in
+    training mode: no tensor for the connector output or its gradient (the value, gradients and
+    BN running statistics are those of the composition)."""
+    conv, bn = connector
+    fusable = (
+        connector.folds and source.dim() == 4 and source.numel() > 0 and margin.numel() == conv.out_channels
+        and tuple(target.shape) == (source.shape[0], conv.out_channels, *source.shape[2:])
+    )
+    if not fusable:
+        return partial_l2(connector(source), target, margin)
+    loss, mean, var = _ConnectorPartialL2.apply(
+        source, conv.weight, bn.weight, bn.bias, target.detach(), margin.detach(), bn.eps)
+    update_running_stats(bn, mean, var, source.numel() // source.shape[1])
+    return loss
 
 
 class NegativeMean:
@@ -200,7 +322,6 @@ class OFD(Term):
         s_feats, t_feats = inp.student.stages, inp.teacher.stages
         total = 0.0
         for j, i in enumerate(self.indices):
-            source = self.connectors[j](s_feats[i])
-            loss = partial_l2(source, t_feats[i].detach(), getattr(self, f"margin_{j}"))
+            loss = connector_partial_l2(self.connectors[j], s_feats[i], t_feats[i], getattr(self, f"margin_{j}"))
             total = total + loss / 2 ** (self.num_stages - 1 - i)
         return total / s_feats[0].shape[0]
