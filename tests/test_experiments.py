@@ -43,6 +43,7 @@ def row(name, config, **kw):
     ([row("Teacher", "teacher", overrides=["method=hkdd"])], {}, r"row 'Teacher' .*unknown method 'hkdd'"),
     ([row("Teacher", "teacher", overrides=["model.options.widht=2"])], {}, r"row 'Teacher' .*model\.options\.widht"),
     ([row("Teacher", "teacher", overrides=["terms.kd.T=2", "terms.kd.Tee=3"])], {}, r"row 'Teacher' .*terms\.kd\.Tee"),
+    ([row("Teacher", "teacher", overrides=["seed=3"])], {}, r"the sweep sets seed of every run"),
     ([row("Teacher", "teacher")], {"seedz": [0]}, r"seedz: unknown key\. Did you mean 'seeds'"),
     ([row("Teacher", "teacher"), row("HKD", "hkd", teacher="Teachr")], {}, r"no other row is named 'Teachr'\. Did you mean 'Teacher'"),
     ([row("Teacher", "teacher", seeds=[0]), row("HKD", "hkd", teacher="Teacher")], {"seeds": [0, 1]},
@@ -318,3 +319,19 @@ def test_ofd_report_median_and_pivot(tmp_path):
 def test_report_of_a_folder_that_is_no_sweep(tmp_path):
     with pytest.raises(RunDirError, match="not a sweep folder"):
         write_report(tmp_path)
+
+
+def test_committed_reduced_report_has_the_layout_of_a_rerun():
+    """docs/digits_s_mfd.md and .csv were made by `fairdistill report`; a re-run gives the same
+    table header, the same rows in the same order and the same CSV columns."""
+    from fairdistill.experiments import RowRuns, mfd_table
+
+    spec = load_spec(ROOT / "specs" / "digits_s_mfd.yaml", check_configs=False)
+    md, records = mfd_table([RowRuns(r, [], []) for r in spec.rows], with_paper=True)
+    doc = (ROOT / "docs" / "digits_s_mfd.md").read_text().splitlines()
+    header, sep = md.splitlines()[:2]
+    start = doc.index(header)
+    assert doc[start + 1] == sep
+    assert [ln.split(" | ")[0] for ln in doc[start + 2:start + 2 + len(spec.rows)]] == [f"| {r.name}" for r in spec.rows]
+    with (ROOT / "docs" / "digits_s_mfd.csv").open() as f:
+        assert next(csv.reader(f)) == list(records[0])
