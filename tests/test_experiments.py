@@ -165,6 +165,19 @@ def test_a_sweep_folder_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path):
     assert not lock.exists()
 
 
+def test_stop_ends_a_running_process():
+    import subprocess
+    import sys
+    import time
+
+    from fairdistill.experiments import stop
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    t0 = time.perf_counter()
+    stop(child)  # 2 s of grace, then SIGINT: KeyboardInterrupt ends it
+    assert child.returncode not in (None, 0) and time.perf_counter() - t0 < 10
+
+
 class Kill(Exception):
     pass
 

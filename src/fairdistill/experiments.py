@@ -26,9 +26,11 @@ import io
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -605,21 +607,31 @@ class _Sweep:
             time.sleep(0.2)
 
     def interrupt(self) -> None:
-        """Stop the running runs (they keep their last checkpoint) and mark them interrupted."""
-        deadline = time.perf_counter() + 2.0
+        """Stop the running runs (each keeps its last epoch's checkpoint) and mark them interrupted.
+
+        A terminal's Ctrl-C reached them already; otherwise they get SIGINT, then SIGTERM.
+        """
         for p, (proc, log, _) in list(self.running.items()):
-            try:  # a terminal's Ctrl-C reached the runs already; a signal sent to this process did not
-                proc.wait(timeout=max(deadline - time.perf_counter(), 0.01))
-            except subprocess.TimeoutExpired:
-                proc.send_signal(2)  # SIGINT: the run stops cleanly
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop(proc)
             log.close()
-            self.mark(p, "interrupted")
+            self.mark(p, "done" if proc.returncode == 0 and RunDir(p.path).finished else "interrupted")
         self.running.clear()
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Give ``proc`` 2 s to end, then SIGINT (10 s), SIGTERM (5 s), then kill it."""
+    steps = [(lambda: None, 2.0), (lambda: proc.send_signal(signal.SIGINT), 10.0), (proc.terminate, 5.0), (proc.kill, None)]
+    for act, wait in steps:
+        act()
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def run_sweep(spec: SweepSpec, dry_run: bool = False, stream=None) -> SweepSummary:
@@ -648,12 +660,17 @@ def _run(spec: SweepSpec, plans: list[RunPlan], stream) -> SweepSummary:
     stream.write(f"sweep {spec.name}: {len(plans)} runs ({reused} already finished) in {spec.out}, "
                  f"{spec.jobs} at a time, {sweep.threads} thread(s) each\n")
     t0 = time.perf_counter()
+    # SIGTERM (a scheduler, `kill`) stops a sweep as Ctrl-C does: its runs stop and can be resumed
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None
     try:
         sweep.loop()
     except KeyboardInterrupt:
         sweep.interrupt()
         raise
     finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
         sweep.progress.close()
         counts = dict(Counter(p.status for p in plans))
         problems = [f"{p.status}: {p.label}: {p.reason}" for p in plans if p.status in ("failed", "skipped", "conflict")]
