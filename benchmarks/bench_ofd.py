@@ -2,7 +2,8 @@
 autograd plus a plain student step. WRN-28-4 -> WRN-16-2, batch 64, CPU by default.
 
 All steps use the trainer's own ``train_step``; the teacher runs with BN in train mode (the
-OFD recipe) in both the floor and the OFD step. Run: ``python benchmarks/bench_ofd.py``.
+OFD recipe) in both the floor and the OFD step. ``--channels-last`` runs models and input in
+NHWC layout (the trainer's ``channels_last`` option). Run: ``python benchmarks/bench_ofd.py``.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (more: steadier medians)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -35,6 +38,10 @@ def main(argv=None) -> None:
     teacher = build_model("wrn-28-4", 100).to(dev).requires_grad_(False)
     set_bn_mode(teacher, "train")
     x = torch.randn(args.batch, 3, 32, 32, device=dev)
+    if args.channels_last:
+        student.to(memory_format=torch.channels_last)
+        teacher.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 100, (args.batch,), device=dev)
     g = torch.zeros_like(y)
     base = {"optim": {"name": "sgd", "lr": 0.01, "nesterov": True, "weight_decay": 5e-4}}
@@ -57,8 +64,9 @@ def main(argv=None) -> None:
             teacher(x)
         plain()
 
-    t = interleaved({"plain": plain, "floor": floor, "ofd": ofd})
-    print(f"threads {args.threads}, batch {args.batch}, WRN-28-4 -> WRN-16-2 ({args.device})")
+    t = interleaved({"plain": plain, "floor": floor, "ofd": ofd}, rounds=args.rounds)
+    layout = "channels-last" if args.channels_last else "NCHW"
+    print(f"threads {args.threads}, batch {args.batch}, WRN-28-4 -> WRN-16-2 ({args.device}, {layout})")
     for k in ("plain", "floor", "ofd"):
         print(f"{k:>6} step: {1000 * t[k]:8.1f} ms")
     print(f"ratio OFD / plain: {t['ofd'] / t['plain']:.3f}x")

@@ -13,6 +13,7 @@ from test_methods_fakes import TinyNet, grads_of, make_ctx, make_input, randomiz
 from fairdistill.errors import ConfigError
 from fairdistill.methods.base import TERMS
 from fairdistill.methods.connectors import Connector, _ConvBatchNorm
+from fairdistill.methods import ofd as ofd_module
 from fairdistill.methods.ofd import NegativeMean, bn_margin, connector_partial_l2, partial_l2
 
 torch.set_num_threads(1)
@@ -257,13 +258,16 @@ def test_connector_under_autocast_computes_in_float32():
 
 # ---- connector + partial L2 in one pass ----------------------------------------------------------
 
+@pytest.mark.parametrize("chunk", [None, 2 * 7 * 36])  # one chunk; chunks of 2, 2 and 1 samples
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_connector_partial_l2_equals_the_composition(channels_last, dtype, tol):
+def test_connector_partial_l2_equals_the_composition(channels_last, dtype, tol, chunk, monkeypatch):
+    if chunk is not None:
+        monkeypatch.setattr(ofd_module, "CHUNK_ELEMENTS", chunk)
     conn, ref = reference_pair(dtype=dtype)
     gen = torch.Generator().manual_seed(9)
-    x = (torch.randn(4, 5, 6, 6, generator=gen) + 1).to(dtype)
-    t = torch.randn(4, 7, 6, 6, generator=gen).to(dtype)
+    x = (torch.randn(5, 5, 6, 6, generator=gen) + 1).to(dtype)
+    t = torch.randn(5, 7, 6, 6, generator=gen).to(dtype)
     t[0, 0, :2] = 0.0  # ties F_t == 0
     m = -torch.rand(7, generator=gen).to(dtype)
     if channels_last:
@@ -280,6 +284,22 @@ def test_connector_partial_l2_equals_the_composition(channels_last, dtype, tol):
         assert rel_err(p.grad, q.grad) < tol
     for name in ("running_mean", "running_var"):
         assert rel_err(getattr(conn[1], name), getattr(ref[1], name)) < tol
+
+
+def test_connector_partial_l2_under_autocast_computes_in_float32():
+    conn, ref = reference_pair()
+    gen = torch.Generator().manual_seed(10)
+    x, t, m = torch.randn(2, 5, 4, 4, generator=gen), torch.randn(2, 7, 4, 4, generator=gen), -torch.rand(7, generator=gen)
+    xb, tb = x.bfloat16().requires_grad_(), t.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = connector_partial_l2(conn, xb, tb, m)
+    loss.backward()
+    x2 = xb.detach().float().requires_grad_()
+    expected = autograd_partial_l2(plain(ref, x2), tb.float(), m)
+    expected.backward()
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert xb.grad.dtype == torch.bfloat16
+    assert torch.allclose(xb.grad.float(), x2.grad.float(), rtol=1e-2, atol=1e-2 * x2.grad.abs().max().item())
 
 
 def test_connector_partial_l2_eval_mode_and_bad_shapes():

@@ -139,23 +139,31 @@ def channel_rows(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return t.reshape(n, c, h * w)
 
 
-def left_product(m: torch.Tensor, rows: torch.Tensor, shape, channels_last: bool,
-                 plus: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """``m @ rows`` (+ ``plus[0] @ plus[1]``) for (B, C, L) channel rows, as a fresh 4-D tensor
-    of ``shape`` (its channels = the rows of m) in the rows' layout."""
-    n, c, h, w = shape
+def product_into(out: torch.Tensor, m: torch.Tensor, rows: torch.Tensor, channels_last: bool,
+                 accumulate: bool = False) -> torch.Tensor:
+    """``out = m @ rows`` (``out += m @ rows`` with accumulate) per channel-rows matrix, in place;
+    ``out`` is a 4-D map whose channels are the rows of m, in the layout of ``rows``."""
+    o = channel_rows(out, channels_last)
     if channels_last:
-        out = rows[0].T @ m.T
-        if plus is not None:
-            out.addmm_(plus[1][0].T, plus[0].T)
-        return out.view(n, h, w, c).permute(0, 3, 1, 2)
-    out = torch.matmul(m, rows)
-    if plus is not None:
-        out.baddbmm_(plus[0].expand(n, -1, -1), plus[1])
-    return out.view(shape)
+        if accumulate:
+            o[0].T.addmm_(rows[0].T, m.T)
+        else:
+            torch.mm(rows[0].T, m.T, out=o[0].T)
+    elif accumulate:
+        o.baddbmm_(m.expand(o.shape[0], -1, -1), rows)
+    else:
+        torch.bmm(m.expand(o.shape[0], -1, -1), rows, out=o)
+    return out
+
+
+def empty_map(n: int, c: int, like: torch.Tensor, channels_last: bool, dtype=None) -> torch.Tensor:
+    """An uninitialised (n, c, H, W) map on ``like``'s device, NCHW or channels-last."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(n, c, *like.shape[2:], dtype=dtype or like.dtype, device=like.device, memory_format=fmt)
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether a 4-D tensor is stored channels-last (and not also plainly contiguous)."""
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -197,7 +205,8 @@ def fold_batch_norm_grads(w, w_cov, inv_std, a, folded, p_aug: torch.Tensor, n: 
 
 class _ConvBatchNorm(torch.autograd.Function):
     """BN(conv1x1(x)) with batch statistics as one product (see the notes above). Runs in the
-    weight's dtype with autocast off. Returns (S, batch mean, biased batch variance of Z)."""
+    weight's dtype with autocast off; first-order gradients only. Returns (S, batch mean,
+    biased batch variance of Z)."""
 
     @staticmethod
     def forward(ctx, x, weight, gamma, beta, eps):
@@ -206,13 +215,11 @@ class _ConvBatchNorm(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             cout, cin = weight.shape[:2]
             w = weight.reshape(cout, cin)
-            n, _, h, wd = x.shape
-            fmt = torch.channels_last if cl else torch.contiguous_format
-            x_aug = torch.empty(n, cin + 1, h, wd, dtype=w.dtype, device=x.device, memory_format=fmt)
+            x_aug = empty_map(x.shape[0], cin + 1, x, cl, w.dtype)
             mean = centre_into(x, x_aug)
             x_rows = channel_rows(x_aug, cl)
             folded, w_cov, inv_std, a, var = fold_batch_norm(w, x_rows[:, :cin], gamma, beta, eps)
-            out = left_product(folded, x_rows, (n, cout, h, wd), cl)
+            out = product_into(empty_map(x.shape[0], cout, x, cl, w.dtype), folded, x_rows, cl)
         ctx.save_for_backward(x_aug, w, w_cov, inv_std, a, folded)
         mean_z = w @ mean
         ctx.mark_non_differentiable(mean_z, var)
@@ -227,13 +234,13 @@ class _ConvBatchNorm(torch.autograd.Function):
         with torch.autocast(grad.device.type, enabled=False):
             grad = grad.to(w.dtype).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
             g_rows, x_rows = channel_rows(grad, cl), channel_rows(x_aug, cl)
-            p_aug = torch.matmul(g_rows, x_rows.transpose(1, 2)).sum(0)
+            p_aug = torch.matmul(x_rows, g_rows.transpose(1, 2)).sum(0).T  # this order is faster
             dw, dgamma, dbeta, qc = fold_batch_norm_grads(
                 w, w_cov, inv_std, a, folded, p_aug, x_rows.shape[0] * x_rows.shape[2])
             dx = None
             if ctx.needs_input_grad[0]:
-                shape = (x_aug.shape[0], cin, *x_aug.shape[2:])
-                dx = left_product(folded[:, :cin].T, g_rows, shape, cl, plus=(qc, x_rows)).to(ctx.x_dtype)
+                dx = product_into(empty_map(x_aug.shape[0], cin, x_aug, cl), folded[:, :cin].T, g_rows, cl)
+                dx = product_into(dx, qc, x_rows, cl, accumulate=True).to(ctx.x_dtype)
         return dx, dw.view(cout, cin, 1, 1), dgamma, dbeta, None
 
 

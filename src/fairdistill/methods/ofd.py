@@ -25,8 +25,9 @@ from .connectors import (
     check_same_spatial,
     fold_batch_norm,
     fold_batch_norm_grads,
+    empty_map,
     is_channels_last,
-    left_product,
+    product_into,
     paired_stages,
     resolve_positions,
     update_running_stats,
@@ -118,39 +119,66 @@ def partial_l2(source: torch.Tensor, target: torch.Tensor, margin: torch.Tensor)
     return _PartialL2.apply(source, target.detach(), margin.detach())
 
 
+CHUNK_ELEMENTS = 1 << 18
+"""Teacher-feature elements per chunk of samples in :class:`_ConnectorPartialL2` on the CPU
+(1 MB in float32): the passes over one chunk then run in cache."""
+
+
 class _ConnectorPartialL2(torch.autograd.Function):
     """partial_l2(Connector(x), target, margin) with the connector BN in training mode, without
     a tensor for the connector output (see the notes in connectors.py for the folded BN).
 
-    T = max(F_t, m) is written into a buffer that the folded product turns into S - T in place;
-    the elements with S <= T and F_t <= 0 are zeroed, which leaves d with loss sum(d^2) and
-    dL/dS = 2 d. The backward reads d and [X; 1] only. Returns (loss, batch mean and biased
-    batch variance of the conv output).
+    For each chunk of samples, T = max(F_t, m) is written into a buffer that the folded product
+    turns into S - T in place; the elements with S <= T and F_t <= 0 are zeroed, which leaves d
+    with loss sum(d^2) and dL/dS = 2 d. The loss is a scalar, so its gradients are those for
+    dL = 1 times the incoming scalar: they are accumulated here, chunk by chunk while d is in
+    cache, and only they are kept for backward (first-order gradients). Returns (loss, batch
+    mean and biased batch variance of the conv output).
     """
 
     @staticmethod
     def forward(ctx, x, weight, gamma, beta, target, margin, eps):
-        ctx.x_dtype = x.dtype
-        ctx.cl = cl = is_channels_last(x)
         with torch.autocast(x.device.type, enabled=False):
+            cl = is_channels_last(x)
             cout, cin = weight.shape[:2]
             w = weight.reshape(cout, cin)
-            n, _, h, wd = x.shape
-            fmt = torch.channels_last if cl else torch.contiguous_format
-            x_aug = torch.empty(n, cin + 1, h, wd, dtype=w.dtype, device=x.device, memory_format=fmt)
+            n = x.shape[0]
+            x_aug = empty_map(n, cin + 1, x, cl, w.dtype)
             mean = centre_into(x, x_aug)
             x_rows = channel_rows(x_aug, cl)
             folded, w_cov, inv_std, a, var = fold_batch_norm(w, x_rows[:, :cin], gamma, beta, eps)
-            d = torch.empty(n, cout, h, wd, dtype=w.dtype, device=x.device, memory_format=fmt)
-            torch.maximum(target, margin.reshape(1, -1, 1, 1), out=d)
-            d_rows = channel_rows(d, cl)
-            d_rows.baddbmm_(folded.expand(d_rows.shape[0], -1, -1), x_rows, beta=-1)
-            # Kept where S - T > 0 or F_t > 0, i.e. max(S - T, F_t) > 0 (float masks are the fast ones).
-            keep = torch.maximum(d, target).gt_(0)
-            d.mul_(keep)
-            del keep
-            loss = torch.linalg.vector_norm(d_rows, dim=2).square().sum()
-        ctx.save_for_backward(d, x_aug, w, w_cov, inv_std, a, folded)
+            need_params, need_x = any(ctx.needs_input_grad[1:4]), ctx.needs_input_grad[0]
+            per_chunk = n if x.device.type != "cpu" else max(1, min(n, CHUNK_ELEMENTS // target[0].numel()))
+            d_buf, keep_buf = empty_map(per_chunk, cout, x, cl, w.dtype), empty_map(per_chunk, cout, x, cl, w.dtype)
+            m = margin.reshape(1, -1, 1, 1)
+            sq_norms, p_parts = [], []
+            dx = empty_map(n, cin, x, cl, w.dtype) if need_x else None
+            twice_at = folded[:, :cin].T * 2
+            for lo in range(0, n, per_chunk):
+                hi = min(n, lo + per_chunk)
+                d, f, xc = d_buf[: hi - lo], target[lo:hi], channel_rows(x_aug[lo:hi], cl)
+                torch.maximum(f, m, out=d)
+                d_rows = channel_rows(d, cl)
+                d_rows.baddbmm_(folded.expand(d_rows.shape[0], -1, -1), xc, beta=-1)
+                # Kept where S - T > 0 or F_t > 0, i.e. max(S - T, F_t) > 0 (float masks are the fast ones).
+                d.mul_(torch.maximum(d, f, out=keep_buf[: hi - lo]).gt_(0))
+                sq_norms.append(torch.linalg.vector_norm(d_rows, dim=2).square().sum())
+                if need_params or need_x:
+                    p_parts.append(torch.matmul(xc, d_rows.transpose(1, 2)).sum(0))  # this order is faster
+                if need_x:
+                    product_into(dx[lo:hi], twice_at, d_rows, cl)
+            del d_buf, keep_buf
+            loss = torch.stack(sq_norms).sum()
+            grads = [None] * 4
+            if need_params or need_x:
+                p_aug = torch.stack(p_parts).sum(0).T.mul_(2)
+                dw, dgamma, dbeta, qc = fold_batch_norm_grads(
+                    w, w_cov, inv_std, a, folded, p_aug, x_rows.shape[0] * x_rows.shape[2])
+                grads[1:] = dw.view(cout, cin, 1, 1), dgamma, dbeta
+                if need_x:
+                    grads[0] = product_into(dx, qc, x_rows, cl, accumulate=True)
+        ctx.x_dtype = x.dtype
+        ctx.save_for_backward(*grads)
         mean_z = w @ mean
         ctx.mark_non_differentiable(mean_z, var)
         return loss, mean_z, var
@@ -158,20 +186,10 @@ class _ConnectorPartialL2(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad, _grad_mean, _grad_var):
-        d, x_aug, w, w_cov, inv_std, a, folded = ctx.saved_tensors
-        cl = ctx.cl
-        cout, cin = w.shape
-        with torch.autocast(grad.device.type, enabled=False):
-            scale = 2 * grad.to(w.dtype)
-            d_rows, x_rows = channel_rows(d, cl), channel_rows(x_aug, cl)
-            p_aug = torch.matmul(d_rows, x_rows.transpose(1, 2)).sum(0) * scale
-            dw, dgamma, dbeta, qc = fold_batch_norm_grads(
-                w, w_cov, inv_std, a, folded, p_aug, x_rows.shape[0] * x_rows.shape[2])
-            dx = None
-            if ctx.needs_input_grad[0]:
-                shape = (x_aug.shape[0], cin, *x_aug.shape[2:])
-                dx = left_product(folded[:, :cin].T * scale, d_rows, shape, cl, plus=(qc, x_rows)).to(ctx.x_dtype)
-        return dx, dw.view(cout, cin, 1, 1), dgamma, dbeta, None, None, None
+        grads = [None if g is None else g * grad.to(g.dtype) for g in ctx.saved_tensors]
+        if grads[0] is not None:
+            grads[0] = grads[0].to(ctx.x_dtype)
+        return (*grads, None, None, None)
 
 
 def connector_partial_l2(connector: Connector, source: torch.Tensor, target: torch.Tensor,
