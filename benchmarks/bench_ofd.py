@@ -3,11 +3,14 @@ autograd plus a plain student step. WRN-28-4 -> WRN-16-2, batch 64, CPU by defau
 
 All steps use the trainer's own ``train_step``; the teacher runs with BN in train mode (the
 OFD recipe) in both the floor and the OFD step. ``--channels-last`` runs models and input in
-NHWC layout (the trainer's ``channels_last`` option). Run: ``python benchmarks/bench_ofd.py``.
+NHWC layout (the trainer's ``channels_last`` option). Besides the ratio of the medians, the
+median of the per-round ratios is printed: the three steps of a round run back to back, so
+that ratio is steadier on a shared machine. Run: ``python benchmarks/bench_ofd.py``.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -15,12 +18,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kd import stepper  # noqa: E402
-from common import interleaved  # noqa: E402
+from common import median_time  # noqa: E402
 
 from fairdistill.config import RunConfig, from_dict  # noqa: E402
 from fairdistill.engine import set_bn_mode  # noqa: E402
 from fairdistill.methods.base import SetupContext  # noqa: E402
 from fairdistill.models import build_model  # noqa: E402
+
+
+def rounds_of(fns: dict, rounds: int, repeats: int = 4, warmup: int = 2) -> dict[str, list[float]]:
+    """Per interleaved round, the median time of ``repeats`` calls of each callable."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            samples[k].append(median_time(fn, repeats=repeats, warmup=0))
+    return samples
 
 
 def main(argv=None) -> None:
@@ -64,13 +79,18 @@ def main(argv=None) -> None:
             teacher(x)
         plain()
 
-    t = interleaved({"plain": plain, "floor": floor, "ofd": ofd}, rounds=args.rounds)
+    samples = rounds_of({"plain": plain, "floor": floor, "ofd": ofd}, args.rounds)
+    t = {k: statistics.median(v) for k, v in samples.items()}
+    per_round = [o / f for o, f in zip(samples["ofd"], samples["floor"])]
     layout = "channels-last" if args.channels_last else "NCHW"
     print(f"threads {args.threads}, batch {args.batch}, WRN-28-4 -> WRN-16-2 ({args.device}, {layout})")
     for k in ("plain", "floor", "ofd"):
         print(f"{k:>6} step: {1000 * t[k]:8.1f} ms")
     print(f"ratio OFD / plain: {t['ofd'] / t['plain']:.3f}x")
     print(f"ratio OFD / floor: {t['ofd'] / t['floor']:.3f}x   (target <= 1.03x; official code ~1.08x)")
+    q = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
+    print(f"per-round OFD / floor: median {statistics.median(per_round):.3f}x (quartiles {q[0]:.3f}-{q[2]:.3f}, "
+          f"{len(per_round)} rounds)")
 
 
 if __name__ == "__main__":

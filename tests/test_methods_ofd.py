@@ -263,7 +263,7 @@ def test_connector_under_autocast_computes_in_float32():
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 def test_connector_partial_l2_equals_the_composition(channels_last, dtype, tol, chunk, monkeypatch):
     if chunk is not None:
-        monkeypatch.setattr(ofd_module, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(ofd_module, "CHUNK_ELEMENTS", chunk // torch.get_num_threads())
     conn, ref = reference_pair(dtype=dtype)
     gen = torch.Generator().manual_seed(9)
     x = (torch.randn(5, 5, 6, 6, generator=gen) + 1).to(dtype)
@@ -300,6 +300,15 @@ def test_connector_partial_l2_under_autocast_computes_in_float32():
     assert loss.dtype == torch.float32 and loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert xb.grad.dtype == torch.bfloat16
     assert torch.allclose(xb.grad.float(), x2.grad.float(), rtol=1e-2, atol=1e-2 * x2.grad.abs().max().item())
+
+
+def test_connector_partial_l2_refuses_a_second_backward():
+    conn, _ = reference_pair()
+    x = torch.randn(2, 5, 3, 3, requires_grad=True)
+    loss = 2 * connector_partial_l2(conn, x, torch.randn(2, 7, 3, 3), -torch.rand(7))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="already used"):
+        loss.backward()
 
 
 def test_connector_partial_l2_eval_mode_and_bad_shapes():

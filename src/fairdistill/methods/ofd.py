@@ -5,7 +5,8 @@ student transform: :class:`~.connectors.Connector`; distance: partial L2 (§3.4)
 pre-ReLU end of every stage, layer i divided by 2^(N-1-i), summed and divided by the batch size
 (supplement B, official ``Distiller.forward``). The config weight is alpha (1e-3 CIFAR, 1e-4
 ImageNet). The official recipe runs the teacher's BN in train mode: its preset wants
-``teacher.bn_mode = train``.
+``teacher.bn_mode = train``. In training, each stage runs as :func:`connector_partial_l2`, the
+connector and the distance in one pass with the same value and gradients as the composition.
 """
 from __future__ import annotations
 
@@ -23,12 +24,12 @@ from .connectors import (
     check_choice,
     check_positions,
     check_same_spatial,
+    empty_map,
     fold_batch_norm,
     fold_batch_norm_grads,
-    empty_map,
     is_channels_last,
-    product_into,
     paired_stages,
+    product_into,
     resolve_positions,
     update_running_stats,
 )
@@ -120,8 +121,8 @@ def partial_l2(source: torch.Tensor, target: torch.Tensor, margin: torch.Tensor)
 
 
 CHUNK_ELEMENTS = 1 << 18
-"""Teacher-feature elements per chunk of samples in :class:`_ConnectorPartialL2` on the CPU
-(1 MB in float32): the passes over one chunk then run in cache."""
+"""Teacher-feature elements per chunk of samples and per thread in :class:`_ConnectorPartialL2`
+on the CPU (1 MB in float32, about a core's L2 cache): the passes over one chunk run in cache."""
 
 
 class _ConnectorPartialL2(torch.autograd.Function):
@@ -132,8 +133,9 @@ class _ConnectorPartialL2(torch.autograd.Function):
     turns into S - T in place; the elements with S <= T and F_t <= 0 are zeroed, which leaves d
     with loss sum(d^2) and dL/dS = 2 d. The loss is a scalar, so its gradients are those for
     dL = 1 times the incoming scalar: they are accumulated here, chunk by chunk while d is in
-    cache, and only they are kept for backward (first-order gradients). Returns (loss, batch
-    mean and biased batch variance of the conv output).
+    cache, and only they are kept for backward, which scales them in place (so one backward per
+    forward; first-order gradients). Returns (loss, batch mean and biased batch variance of the
+    conv output).
     """
 
     @staticmethod
@@ -148,7 +150,9 @@ class _ConnectorPartialL2(torch.autograd.Function):
             x_rows = channel_rows(x_aug, cl)
             folded, w_cov, inv_std, a, var = fold_batch_norm(w, x_rows[:, :cin], gamma, beta, eps)
             need_params, need_x = any(ctx.needs_input_grad[1:4]), ctx.needs_input_grad[0]
-            per_chunk = n if x.device.type != "cpu" else max(1, min(n, CHUNK_ELEMENTS // target[0].numel()))
+            per_chunk = n
+            if x.device.type == "cpu":
+                per_chunk = max(1, min(n, CHUNK_ELEMENTS * torch.get_num_threads() // target[0].numel()))
             d_buf, keep_buf = empty_map(per_chunk, cout, x, cl, w.dtype), empty_map(per_chunk, cout, x, cl, w.dtype)
             m = margin.reshape(1, -1, 1, 1)
             sq_norms, p_parts = [], []
@@ -177,7 +181,7 @@ class _ConnectorPartialL2(torch.autograd.Function):
                 grads[1:] = dw.view(cout, cin, 1, 1), dgamma, dbeta
                 if need_x:
                     grads[0] = product_into(dx, qc, x_rows, cl, accumulate=True)
-        ctx.x_dtype = x.dtype
+        ctx.x_dtype, ctx.spent = x.dtype, False
         ctx.save_for_backward(*grads)
         mean_z = w @ mean
         ctx.mark_non_differentiable(mean_z, var)
@@ -186,7 +190,11 @@ class _ConnectorPartialL2(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad, _grad_mean, _grad_var):
-        grads = [None if g is None else g * grad.to(g.dtype) for g in ctx.saved_tensors]
+        if ctx.spent:
+            raise RuntimeError("connector_partial_l2: its gradients were already used by an earlier backward "
+                               "(they are scaled in place); recompute the loss instead of retaining the graph.")
+        ctx.spent = True
+        grads = [None if g is None else g.mul_(grad.to(g.dtype)) for g in ctx.saved_tensors]
         if grads[0] is not None:
             grads[0] = grads[0].to(ctx.x_dtype)
         return (*grads, None, None, None)
