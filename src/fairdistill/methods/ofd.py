@@ -204,7 +204,8 @@ def connector_partial_l2(connector: Connector, source: torch.Tensor, target: tor
                          margin: torch.Tensor) -> torch.Tensor:
     """``partial_l2(connector(source), target, margin)``, fused when the connector's BN is in
     training mode: no tensor for the connector output or its gradient (the value, gradients and
-    BN running statistics are those of the composition)."""
+    BN running statistics are those of the composition). When an input needs a gradient, the
+    gradients are computed during this call and only scaled by the backward."""
     conv, bn = connector
     fusable = (
         connector.folds and source.dim() == 4 and source.numel() > 0 and margin.numel() == conv.out_channels
