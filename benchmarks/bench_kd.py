@@ -16,15 +16,22 @@ from common import interleaved  # noqa: E402
 
 from fairdistill.config import RunConfig, StageConfig, from_dict  # noqa: E402
 from fairdistill.engine import StudentStep, make_optimizer, resolve_stage, train_step  # noqa: E402
+from fairdistill.methods.base import SetupContext  # noqa: E402
 from fairdistill.methods.objective import Objective  # noqa: E402
 from fairdistill.models import build_model  # noqa: E402
 
 
-def stepper(cfg: RunConfig, student, teacher, x, y, g, setup=None):
-    """A zero-argument callable running one ``train_step`` of ``cfg``'s objective on (x, y, g)."""
+def stepper(cfg: RunConfig, student, teacher, x, y, g, num_classes: int = 100, num_groups: int = 1):
+    """A zero-argument callable running one ``train_step`` of ``cfg``'s objective on (x, y, g);
+    terms are set up from a dry forward of ``x``, as the trainer does."""
     objective = Objective(cfg.terms)
-    if setup is not None:
-        setup(objective)
+    with torch.no_grad():
+        ctx = SetupContext(student=student, teacher=teacher, student_features=student.forward_features(x),
+                           teacher_features=teacher.forward_features(x), sample_x=x, num_classes=num_classes,
+                           num_groups=num_groups, device=x.device)
+    for term in objective.terms.values():
+        term.setup(ctx)
+    objective.to(x.device)
     stage = resolve_stage(0, StageConfig(), cfg, objective)
     opt = make_optimizer(list(student.parameters()) + list(objective.parameters()), cfg.optim)
     weights = objective.current_weights(stage.active, 0, 1)

@@ -15,7 +15,6 @@ from bench_kd import stepper  # noqa: E402
 from common import interleaved  # noqa: E402
 
 from fairdistill.config import RunConfig, from_dict  # noqa: E402
-from fairdistill.methods.base import SetupContext  # noqa: E402
 from fairdistill.models import build_model  # noqa: E402
 
 
@@ -34,16 +33,8 @@ def main(argv=None) -> None:
     base = {"optim": {"name": "adam", "lr": 0.001}}
     plain = stepper(from_dict(RunConfig, base), student, teacher, x, y, g)
 
-    def setup(objective):
-        with torch.no_grad():
-            ctx = SetupContext(student=student, teacher=teacher, student_features=student.forward_features(x),
-                               teacher_features=teacher.forward_features(x), sample_x=x, num_classes=10,
-                               num_groups=2, device=x.device)
-        for term in objective.terms.values():
-            term.setup(ctx)
-
     mfd_cfg = from_dict(RunConfig, {**base, "terms": {"mfd": {"type": "mfd", "weight": 3.0}}})
-    mfd = stepper(mfd_cfg, student, teacher, x, y, g, setup=setup)
+    mfd = stepper(mfd_cfg, student, teacher, x, y, g, num_classes=10, num_groups=2)
     t = interleaved({"plain": plain, "mfd": mfd})
     print(f"threads {args.threads}, batch {args.batch}, MFD CNN -> MFD CNN, 32x32 (CPU)")
     print(f"plain student step: {1000 * t['plain']:.1f} ms")

@@ -18,24 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kd import stepper  # noqa: E402
-from common import median_time  # noqa: E402
+from common import interleaved_rounds  # noqa: E402
 
 from fairdistill.config import RunConfig, from_dict  # noqa: E402
 from fairdistill.engine import set_bn_mode  # noqa: E402
-from fairdistill.methods.base import SetupContext  # noqa: E402
 from fairdistill.models import build_model  # noqa: E402
-
-
-def rounds_of(fns: dict, rounds: int, repeats: int = 4, warmup: int = 2) -> dict[str, list[float]]:
-    """Per interleaved round, the median time of ``repeats`` calls of each callable."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            samples[k].append(median_time(fn, repeats=repeats, warmup=0))
-    return samples
 
 
 def main(argv=None) -> None:
@@ -63,23 +50,14 @@ def main(argv=None) -> None:
     plain = stepper(from_dict(RunConfig, base), student, teacher, x, y, g)
     ofd_cfg = from_dict(RunConfig, {**base, "terms": {"ofd": {"type": "ofd", "weight": 1e-3}}})
 
-    def setup(objective):
-        with torch.no_grad():
-            ctx = SetupContext(student=student, teacher=teacher, student_features=student.forward_features(x),
-                               teacher_features=teacher.forward_features(x), sample_x=x, num_classes=100,
-                               num_groups=1, device=dev)
-        for term in objective.terms.values():
-            term.setup(ctx)
-        objective.to(dev)
-
-    ofd = stepper(ofd_cfg, student, teacher, x, y, g, setup=setup)
+    ofd = stepper(ofd_cfg, student, teacher, x, y, g)
 
     def floor():
         with torch.no_grad():
             teacher(x)
         plain()
 
-    samples = rounds_of({"plain": plain, "floor": floor, "ofd": ofd}, args.rounds)
+    samples = interleaved_rounds({"plain": plain, "floor": floor, "ofd": ofd}, args.rounds)
     t = {k: statistics.median(v) for k, v in samples.items()}
     per_round = [o / f for o, f in zip(samples["ofd"], samples["floor"])]
     layout = "channels-last" if args.channels_last else "NCHW"

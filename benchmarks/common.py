@@ -21,8 +21,9 @@ def median_time(fn, repeats: int = 20, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def interleaved(fns: dict, rounds: int = 5, repeats: int = 4, warmup: int = 2) -> dict:
-    """Median time of each callable, measured in interleaved rounds so machine noise hits all alike."""
+def interleaved_rounds(fns: dict, rounds: int = 5, repeats: int = 4, warmup: int = 2) -> dict[str, list[float]]:
+    """Per interleaved round, the median time of ``repeats`` calls of each callable, so machine
+    noise hits all callables alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -30,4 +31,9 @@ def interleaved(fns: dict, rounds: int = 5, repeats: int = 4, warmup: int = 2) -
     for _ in range(rounds):
         for k, fn in fns.items():
             samples[k].append(median_time(fn, repeats=repeats, warmup=0))
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return samples
+
+
+def interleaved(fns: dict, rounds: int = 5, repeats: int = 4, warmup: int = 2) -> dict:
+    """Median over interleaved rounds of each callable's time (see ``interleaved_rounds``)."""
+    return {k: statistics.median(v) for k, v in interleaved_rounds(fns, rounds, repeats, warmup).items()}
