@@ -29,7 +29,7 @@ import torch
 from ..errors import ConfigError, DataError
 from ..registry import suggest
 from .base import DATASETS, ImageDataset
-from .images import IMAGENET_MEAN, IMAGENET_STD, check_size, first_few, load_images
+from .images import IMAGENET_MEAN, IMAGENET_STD, cache_folder, check_size, first_few, load_images
 from .split import check_val_fraction, holdout_index
 
 FOLDER = "celeba"
@@ -169,8 +169,8 @@ def celeba(*, root, split="train", seed=0, target="Attractive", group="Male", im
     missing = [f for f in files if f not in present]
     if missing:
         raise DataError(f"celeba: {len(missing)} annotated image(s) are not in {base / IMAGES}: {first_few(missing)}")
-    cache_folder = (Path(cache_dir) if cache_dir else Path(root) / ".fairdistill_cache") if cache else None
-    images = load_images(base / IMAGES, files, image_size, name=f"celeba-{split}", cache_dir=cache_folder)
+    images = load_images(base / IMAGES, files, image_size, name=f"celeba-{split}",
+                         cache_dir=cache_folder(root, cache, cache_dir))
     return ImageDataset(
         images, labels_all[pick], groups_all[pick], 2, 2, name=f"celeba-{split}",
         mean=IMAGENET_MEAN, std=IMAGENET_STD,

@@ -25,8 +25,8 @@ import torch
 
 from ..errors import ConfigError, DataError
 from .base import DATASETS, ImageDataset
-from .images import IMAGENET_MEAN, IMAGENET_STD, check_size, first_few, load_images
-from .split import check_val_fraction, holdout_index
+from .images import IMAGENET_MEAN, IMAGENET_STD, cache_folder, check_size, first_few, load_images
+from .split import check_val_fraction, split_positions
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -80,13 +80,12 @@ def imagefolder(*, root, split="train", seed=0, image_size=224, resize=256, val_
     files = [f"{c}/{f}" for c, names in classes.items() for f in names]
     labels = torch.tensor([class_names.index(c) for c, names in classes.items() for _ in names], dtype=torch.long)
     groups = torch.zeros_like(labels)
-    if split != "test" and val_fraction:
-        keep_train, keep_val = holdout_index(labels, groups, len(class_names), val_fraction)
-        keep = keep_train if split == "train" else keep_val
+    keep = split_positions(labels, groups, len(class_names), split, val_fraction)
+    if keep is not None:
         files, labels, groups = [files[i] for i in keep.tolist()], labels[keep], groups[keep]
     crop = resize if split == "train" else image_size
-    cache_folder = (Path(cache_dir) if cache_dir else Path(root) / ".fairdistill_cache") if cache else None
-    images = load_images(folder, files, resize, crop, name=f"imagefolder-{split}", cache_dir=cache_folder)
+    images = load_images(folder, files, resize, crop, name=f"imagefolder-{split}",
+                         cache_dir=cache_folder(root, cache, cache_dir))
     return ImageDataset(
         images, labels, groups, len(class_names), 1, name=f"imagefolder-{split}",
         mean=IMAGENET_MEAN, std=IMAGENET_STD, class_names=class_names,

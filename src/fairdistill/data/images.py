@@ -100,6 +100,13 @@ def cache_path(cache_dir: Path, base: Path, name: str, names: Sequence[str], siz
     return Path(cache_dir) / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
 
 
+def cache_folder(root, cache: bool, cache_dir) -> Path | None:
+    """Where the decoded-image cache lives: ``cache_dir``, else ``ROOT/.fairdistill_cache``; None when off."""
+    if not cache:
+        return None
+    return Path(cache_dir) if cache_dir else Path(root) / ".fairdistill_cache"
+
+
 def load_images(base: Path, names: Sequence[str], size: int, crop: int | None = None, *, name: str,
                 cache_dir: Path | None = None) -> torch.Tensor:
     """Decoded images of the files ``base / n`` for ``n`` in ``names`` (see ``decode_images``).

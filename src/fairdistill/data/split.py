@@ -57,6 +57,15 @@ def holdout_index(
     return train, val
 
 
+def split_positions(labels: torch.Tensor, groups: torch.Tensor, num_classes: int, split: str, val_fraction: float):
+    """Positions of the "train" or "val" part of a training list (``None``: keep all), for
+    loaders that hold out items before decoding their images."""
+    if split == "test" or not val_fraction:
+        return None
+    train, val = holdout_index(labels, groups, num_classes, val_fraction)
+    return train if split == "train" else val
+
+
 def select_split(full_train: ImageDataset, split: str, val_fraction: float) -> ImageDataset:
     """The "train" or "val" part of ``full_train`` (all of it for "train" when ``val_fraction == 0``)."""
     check_val_fraction(full_train.name, split, val_fraction)

@@ -32,8 +32,8 @@ import torch
 
 from ..errors import DataError
 from .base import DATASETS, ImageDataset
-from .images import IMAGENET_MEAN, IMAGENET_STD, check_size, first_few, load_images
-from .split import check_val_fraction, holdout_index
+from .images import IMAGENET_MEAN, IMAGENET_STD, cache_folder, check_size, first_few, load_images
+from .split import check_val_fraction, split_positions
 
 log = logging.getLogger(__name__)
 
@@ -142,13 +142,12 @@ def utkface(*, root, split="train", seed=0, image_size=176, resize=None, test_pe
     pick = test if split == "test" else train
     labels = torch.tensor([bins[i] for i in pick], dtype=torch.long)
     groups = torch.tensor([races[i] for i in pick], dtype=torch.long)
-    if split != "test" and val_fraction:
-        keep_train, keep_val = holdout_index(labels, groups, len(AGE_BINS), val_fraction)
-        keep = keep_train if split == "train" else keep_val
+    keep = split_positions(labels, groups, len(AGE_BINS), split, val_fraction)
+    if keep is not None:
         pick, labels, groups = [pick[i] for i in keep.tolist()], labels[keep], groups[keep]
     side = train_side if split == "train" else image_size
-    cache_folder = (Path(cache_dir) if cache_dir else Path(root) / ".fairdistill_cache") if cache else None
-    images = load_images(folder, [names[i] for i in pick], side, name=f"utkface-{split}", cache_dir=cache_folder)
+    images = load_images(folder, [names[i] for i in pick], side, name=f"utkface-{split}",
+                         cache_dir=cache_folder(root, cache, cache_dir))
     return ImageDataset(
         images, labels, groups, len(AGE_BINS), len(RACES), name=f"utkface-{split}",
         mean=IMAGENET_MEAN, std=IMAGENET_STD, class_names=AGE_BINS, group_names=RACES,
