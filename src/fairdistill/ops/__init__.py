@@ -1,0 +1,1 @@
+"""Tensor operations shared by models, tasks and metrics (plain torch; no torchvision)."""
