@@ -167,7 +167,7 @@ def test_bad_input_is_a_data_error():
 # ----------------------------------------------------------------------------- against fairlearn's MetricFrame
 
 
-@pytest.mark.parametrize("C,G,seed", [(2, 2, 0), (3, 2, 1), (5, 3, 2), (10, 4, 3)])
+@pytest.mark.parametrize("C,G,seed", [(2, 2, 0), (3, 2, 1), (5, 3, 2), (7, 4, 3)])
 def test_against_fairlearn_metricframe(C, G, seed):
     fm = pytest.importorskip("fairlearn.metrics")
     from sklearn.metrics import accuracy_score

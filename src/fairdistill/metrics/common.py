@@ -22,8 +22,8 @@ def class_gaps(rate: torch.Tensor, defined: torch.Tensor) -> torch.Tensor:
     Returns a float64 tensor of shape (classes,), NaN for a class defined in fewer than 2 groups.
     """
     rate = rate.double()
-    hi = torch.where(defined, rate, torch.full_like(rate, -math.inf)).max(dim=0).values
-    lo = torch.where(defined, rate, torch.full_like(rate, math.inf)).min(dim=0).values
+    hi = torch.where(defined, rate, torch.full_like(rate, -math.inf)).amax(dim=0)
+    lo = torch.where(defined, rate, torch.full_like(rate, math.inf)).amin(dim=0)
     return torch.where(defined.sum(dim=0) >= 2, hi - lo, torch.full_like(hi, NAN))
 
 
@@ -58,6 +58,6 @@ def check_range(t: torch.Tensor, n: int, what: str, size_name: str) -> None:
 def as_index(t, what: str) -> torch.Tensor:
     """``t`` (tensor, array or list) as a 1-D int64 tensor; DataError for non-integer values."""
     t = torch.as_tensor(t)
-    if t.is_floating_point() or t.is_complex():
+    if (t.is_floating_point() or t.is_complex()) and t.numel():  # an empty list becomes float32
         raise DataError(f"{what} must be integers, got dtype {t.dtype}")
     return t.reshape(-1).long()
