@@ -5,6 +5,11 @@ Parameter names are torchvision's (``conv1``, ``bn1``, ``layerK.J.convN``, ``dow
 (reference/ofd.md §1.4) the block-final ReLU is moved to the start of the next block and applied
 explicitly after ``layer4``: the network computes the standard function, and the raw outputs of
 ``layer1..layer4`` are pre-ReLU (BN output + shortcut).
+
+The blocks take an optional ``dilation`` (default 1, the classification nets never set it): the
+dilated segmentation backbones of ``models.resnet_dilated`` use it as the official DeepLab code
+does (reference/dense.md §1.1), dilating both 3x3 convs of a basic block and the 3x3 conv of a
+bottleneck, with padding equal to the dilation so that the spatial size is kept.
 """
 from __future__ import annotations
 
@@ -25,8 +30,8 @@ def check_embedding(embedding: str, choices: tuple[str, ...] = EMBEDDINGS) -> st
     return embedding
 
 
-def conv3x3(inp: int, out: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(inp, out, 3, stride=stride, padding=1, bias=False)
+def conv3x3(inp: int, out: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(inp, out, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
 
 
 def conv1x1(inp: int, out: int, stride: int = 1) -> nn.Conv2d:
@@ -38,12 +43,13 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, inp: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+    def __init__(self, inp: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 dilation: int = 1):
         super().__init__()
-        self.conv1 = conv3x3(inp, planes, stride)
+        self.conv1 = conv3x3(inp, planes, stride, dilation)
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, planes)
+        self.conv2 = conv3x3(planes, planes, 1, dilation)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
 
@@ -63,11 +69,12 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, inp: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+    def __init__(self, inp: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 dilation: int = 1):
         super().__init__()
         self.conv1 = conv1x1(inp, planes)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = conv3x3(planes, planes, stride)
+        self.conv2 = conv3x3(planes, planes, stride, dilation)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = conv1x1(planes, planes * self.expansion)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
