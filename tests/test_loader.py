@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fairdistill.data import BatchLoader, ImageDataset
-from fairdistill.data.augment import crop_flip, draw_params
+from fairdistill.data.augment import CropSpec, crop_flip, draw_params
 from fairdistill.errors import ConfigError
 
 
@@ -148,3 +148,105 @@ def test_bad_arguments_are_config_errors():
         BatchLoader(ds, 0)
     with pytest.raises(ConfigError, match="smaller batch_size"):
         BatchLoader(ds, 60, sampler="balanced")  # quota 10 > largest cell (2)
+
+
+# ----------------------------------------------------------------------------- crops (data/augment.py)
+
+
+def reference_batch(images: torch.Tensor, boxes, flips, size: int) -> torch.Tensor:
+    """Per image: F.interpolate of the box (bilinear, align_corners=False), mirrored where flipped."""
+    import torch.nn.functional as F
+
+    out = []
+    for k in range(len(images)):
+        t, l, h, w = (int(v) for v in boxes[k])
+        o = F.interpolate(images[k:k + 1, :, t:t + h, l:l + w].float(), (size, size), mode="bilinear", align_corners=False)[0]
+        out.append(o.flip(-1) if flips[k] else o)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("sampler", ["uniform", "balanced"])
+def test_loader_without_crop_keeps_the_old_stream(sampler):
+    from fairdistill.data.loader import epoch_generator
+    from fairdistill.data.samplers import balanced_indices, uniform_indices
+
+    ds = make_dataset(n=23, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5))
+    kw = dict(sampler=sampler, padding=2, flip=True, seed=9)
+    default, none = BatchLoader(ds, 6, **kw), BatchLoader(ds, 6, crop="none", **kw)
+    gen = epoch_generator(9, 3)  # the stream before crops existed, written out
+    if sampler == "uniform":
+        order = uniform_indices(23, gen)
+    else:
+        order = balanced_indices(ds.labels, ds.groups, 3, 2, 6, gen)
+    offsets, flips = draw_params(order.numel(), 2, True, gen)
+    mean, std = torch.tensor(ds.mean).view(1, 3, 1, 1), torch.tensor(ds.std).view(1, 3, 1, 1)
+    for start, (a, b) in zip(range(0, order.numel(), 6), zip(default.epoch(3), none.epoch(3))):
+        rows = slice(start, start + 6)
+        x = crop_flip(ds.images[order[rows]].float().div_(255.0), offsets[rows], flips[rows], 2)
+        assert torch.equal(a[0], (x - mean) / std) and torch.equal(b[0], a[0])
+        assert torch.equal(a[1], ds.labels[order[rows]]) and torch.equal(b[2], a[2])
+
+
+def test_random_resized_loader_equals_per_image_reference():
+    ds = make_dataset(n=17, hw=(9, 7), mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5))
+    loader = BatchLoader(ds, 5, crop={"kind": "random_resized", "size": 6}, flip=True, seed=2)
+    assert loader.image_shape == (3, 6, 6)
+    order, boxes, flips = loader.indices(1)
+    assert boxes.shape == (17, 4) and flips.any() and not flips.all()
+    x = torch.cat([b[0] for b in loader.epoch(1)])
+    mean, std = torch.tensor(ds.mean).view(1, 3, 1, 1), torch.tensor(ds.std).view(1, 3, 1, 1)
+    want = (reference_batch(ds.images[order].float() / 255, boxes, flips, 6) - mean) / std
+    assert x.shape == (17, 3, 6, 6) and torch.allclose(x, want, atol=1e-5)
+    assert torch.equal(torch.cat([b[1] for b in loader.epoch(1)]), ds.labels[order])
+
+
+def test_random_crop_loader_is_exact():
+    ds = make_dataset(n=12, hw=(8, 8))
+    loader = BatchLoader(ds, 4, crop="random:5", padding=1, flip=True, seed=4)
+    order, boxes, flips = loader.indices(0)
+    x = torch.cat([b[0] for b in loader.epoch(0)])
+    padded = np.pad(ds.images[order].numpy(), ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect")
+    for k in range(12):
+        t, l = int(boxes[k, 0]) + 1, int(boxes[k, 1]) + 1
+        crop = padded[k, :, t:t + 5, l:l + 5]
+        want = (crop[:, :, ::-1] if flips[k] else crop).astype(np.float32) / 255
+        assert np.array_equal(x[k].numpy(), want)
+
+
+def test_eval_center_crop_is_deterministic():
+    ds = make_dataset(n=10, hw=(9, 8))
+    loader = BatchLoader(ds, 4, sampler="sequential", crop=CropSpec.parse("center:6", deterministic=True))
+    first = torch.cat([b[0] for b in loader.epoch(0)])
+    assert torch.equal(first, ds.images[:, :, 2:8, 1:7].float() / 255)  # round(1.5) = 2, round(1.0) = 1
+    assert torch.equal(torch.cat([b[0] for b in loader.epoch(5)]), first)
+
+
+@pytest.mark.parametrize("crop", ["random_resized:4", "random:3"])
+def test_crops_split_over_ranks_and_replay(crop):
+    ds = make_dataset(n=29)
+    kw = dict(crop=crop, flip=True, seed=11)
+    single = BatchLoader(ds, 8, **kw)
+    ranks = [BatchLoader(ds, 4, rank=r, world_size=2, **kw) for r in range(2)]
+    for whole, part0, part1 in zip(single.epoch(5), ranks[0].epoch(5), ranks[1].epoch(5)):
+        for t_whole, t0, t1 in zip(whole, part0, part1):
+            assert torch.equal(t_whole[0::2], t0) and torch.equal(t_whole[1::2], t1)
+    replay = [b[0] for b in BatchLoader(ds, 8, **kw).epoch(5)]
+    assert all(torch.equal(a[0], b) for a, b in zip(single.epoch(5), replay))
+    assert not torch.equal(single.indices(5)[1], single.indices(6)[1])
+
+
+def test_crop_rows_fewer_than_processes_keep_the_shape():
+    ds = make_dataset(n=13, hw=(8, 8))
+    last = [list(BatchLoader(ds, 1, sampler="sequential", crop="center:5", rank=r, world_size=4).epoch(0))[-1]
+            for r in range(4)]
+    assert [b[0].shape for b in last] == [(1, 3, 5, 5)] + [(0, 3, 5, 5)] * 3
+
+
+def test_crop_errors_name_the_key():
+    ds = make_dataset(n=12, hw=(6, 6))
+    with pytest.raises(ConfigError, match="data.crop: size 7 is larger than the 6x6 images of toy"):
+        BatchLoader(ds, 4, crop="center:7", crop_key="data.crop")
+    with pytest.raises(ConfigError, match="crop: kind 'random_resized' takes no padding"):
+        BatchLoader(ds, 4, crop="random_resized:6", padding=2)
+    with pytest.raises(ConfigError, match="unknown crop kind"):
+        BatchLoader(ds, 4, crop="centre:4")

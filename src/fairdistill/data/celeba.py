@@ -11,12 +11,18 @@ is), "test" = 2 balanced over the four (group, label) cells by keeping, in file 
 ``min cell count`` images of each cell. ``val_fraction > 0`` instead makes "val" a stratified
 hold-out of partition 0 (``data/split.py``), removed from "train".
 
-Images: Resize((image_size, image_size)), squashing the 178 x 218 aligned faces, for every
-split. The official training transform is RandomResizedCrop(176) of the original image, which
-in-memory uint8 storage cannot reproduce; here training uses the squashed image with the batch
-pipeline's flips. Memory: 3 x 176^2 bytes = 93 kB per image, so all 162,770 training images
-take 15.1 GB; ``max_train`` keeps a fixed random subset (the same for every ``seed``, in file
-order) to fit smaller machines. ``cache=True`` keeps the decoded arrays in ``cache_dir``
+Images: "val" and "test" are Resize((image_size, image_size)), squashing the 178 x 218 aligned
+faces, as the official test transform (176). The official training transform is
+RandomResizedCrop(176) (scale (0.08, 1), ratio (3/4, 4/3)) of the original image, then a flip:
+``train_size="original"`` stores the training images unresized (3 x 218 x 178) so that the
+batch pipeline's ``random_resized`` crop (``data/augment.py``) draws the official boxes on the
+original pixels; its resampling is bilinear without Pillow's antialiasing (it differs only for
+boxes with a side longer than 176, shrunk by at most 218 / 176 = 1.24). The default
+``train_size=None`` stores them like the test images (squashed to ``image_size``, for flips
+only); an integer squashes them to that side. Memory: 3 x 176^2 bytes = 93 kB per image, so
+all 162,770 training images take 15.1 GB (18.9 GB at the original 178 x 218); ``max_train``
+keeps a fixed random subset (the same for every ``seed``, in file order) to fit smaller
+machines. ``cache=True`` keeps the decoded arrays in ``cache_dir``
 (default ``ROOT/.fairdistill_cache``). Normalisation: ImageNet mean and std.
 """
 from __future__ import annotations
@@ -117,17 +123,27 @@ def balanced_test_index(labels: torch.Tensor, groups: torch.Tensor) -> torch.Ten
 
 @DATASETS.register("celeba")
 def celeba(*, root, split="train", seed=0, target="Attractive", group="Male", image_size=176,
-           max_train=None, val_fraction=0.0, cache=False, cache_dir=None) -> ImageDataset:
+           train_size=None, max_train=None, val_fraction=0.0, cache=False, cache_dir=None) -> ImageDataset:
     """CelebA, binary ``target`` x binary ``group`` attribute (see the module docstring).
 
     Options: ``target`` (class attribute; "Attractive"), ``group`` (sensitive attribute;
-    "Male"), ``image_size`` (176), ``max_train`` (keep at most this many training images; None
-    = all), ``val_fraction`` (0: "val" is partition 1; > 0: stratified hold-out of the training
+    "Male"), ``image_size`` (side of the squashed val/test images; 176), ``train_size`` (how
+    the training images are stored: None = like the test images, an integer = squashed to that
+    side, "original" = unresized, for the official RandomResizedCrop), ``max_train`` (keep at
+    most this many training images; None = all), ``val_fraction`` (0: "val" is partition 1; > 0: stratified hold-out of the training
     images), ``cache`` / ``cache_dir``. ``seed`` does not change this data set.
     """
     if split != "val" or val_fraction:
         check_val_fraction("celeba", split, val_fraction)
     image_size = check_size("celeba.image_size", image_size)
+    if train_size is None:
+        train_side = image_size
+    elif train_size == "original":
+        train_side = None
+    elif isinstance(train_size, int) and not isinstance(train_size, bool) and train_size >= 1:
+        train_side = train_size
+    else:
+        raise ConfigError(f"celeba.train_size must be a positive integer (pixels), 'original' or null, got {train_size!r}")
     if max_train is not None:
         max_train = check_size("celeba.max_train", max_train)
     if target == group:
@@ -169,7 +185,7 @@ def celeba(*, root, split="train", seed=0, target="Attractive", group="Male", im
     missing = [f for f in files if f not in present]
     if missing:
         raise DataError(f"celeba: {len(missing)} annotated image(s) are not in {base / IMAGES}: {first_few(missing)}")
-    images = load_images(base / IMAGES, files, image_size, name=f"celeba-{split}",
+    images = load_images(base / IMAGES, files, train_side if split == "train" else image_size, name=f"celeba-{split}",
                          cache_dir=cache_folder(root, cache, cache_dir))
     return ImageDataset(
         images, labels_all[pick], groups_all[pick], 2, 2, name=f"celeba-{split}",

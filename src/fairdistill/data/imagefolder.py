@@ -5,11 +5,23 @@ extensions). Class names are the sorted folder names of ``train``; "test" reads 
 ImageNet's validation set serves as its test set) and "val" is a stratified hold-out of
 ``train`` when ``val_fraction > 0`` (``data/split.py``). Every group is 0.
 
-Images (torchvision's ImageNet evaluation transform): shorter side to ``resize`` (256), then
-the centre ``image_size`` (224) square, for "test" and "val". Training images are stored as
-the centre ``resize x resize`` square, so a batch pipeline that crops ``image_size`` without
-padding can take random crops from them; the usual RandomResizedCrop needs the original
-files and is not available with in-memory storage.
+Images: "test" and "val" get torchvision's ImageNet evaluation transform, decoded once: shorter
+side to ``resize`` (256), then the centre ``image_size`` (224) square (Resize(256) +
+CenterCrop(224), exactly, with Pillow). Training images are stored as the centre S x S square
+of the image resized to shorter side S = ``train_size`` (default ``resize``). Nothing crops
+them here: the batch pipeline does, on the device (``data/augment.py``); the OFD ImageNet
+recipe is ``data.crop`` random_resized 224 + ``data.flip`` (RandomResizedCrop(224) + flip,
+reference ``ofd.md`` §1.8), whose boxes are then drawn inside that square.
+
+What this changes against the official RandomResizedCrop of the full JPEG (one stored size per
+data set is what keeps the images in memory): (1) field of view: the margins of the longer
+side are never seen (a quarter of the width of a 4:3 photo), and a box's area fraction is
+relative to the square; (2) resolution: boxes are resampled from S pixels per side, not from
+the original (a typical 500 x 375 ImageNet photo has 375: at S = 256 a box has 0.68 times the
+official source pixels per side; ``train_size=384`` keeps them at 2.25 times the memory);
+(3) the resampling is bilinear without Pillow's antialiasing (``data/augment.py``). A centre
+square rather than a squash of the whole image keeps every box's aspect ratio true and the
+training view the one the evaluation transform crops from.
 
 Memory: 3 x 256^2 bytes = 197 kB per training image, 3 x 224^2 = 151 kB per test image. This
 loader is for small ImageFolder sets (e.g. 10k images = 2 GB); ImageNet's 1.28 M training
@@ -40,18 +52,20 @@ def scan(folder: Path) -> dict[str, list[str]]:
 
 
 @DATASETS.register("imagefolder")
-def imagefolder(*, root, split="train", seed=0, image_size=224, resize=256, val_fraction=0.0,
+def imagefolder(*, root, split="train", seed=0, image_size=224, resize=256, train_size=None, val_fraction=0.0,
                 cache=False, cache_dir=None) -> ImageDataset:
     """ImageFolder set under ``root`` (see the module docstring).
 
     Options: ``image_size`` (side of evaluation images; 224), ``resize`` (shorter side before
-    cropping, and side of the stored training images; 256, >= ``image_size``),
+    the evaluation crop; 256, >= ``image_size``), ``train_size`` (side of the stored training
+    squares; None = ``resize``),
     ``val_fraction`` (stratified hold-out of ``train`` for "val"; 0), ``cache`` / ``cache_dir``.
     ``seed`` does not change this data set.
     """
     check_val_fraction("imagefolder", split, val_fraction)
     image_size = check_size("imagefolder.image_size", image_size)
     resize = check_size("imagefolder.resize", resize)
+    train_size = resize if train_size is None else check_size("imagefolder.train_size", train_size)
     if resize < image_size:
         raise ConfigError(f"imagefolder.resize ({resize}) must be >= imagefolder.image_size ({image_size})")
     layout = f"expected ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg (ImageNet layout), ROOT = {root}"
@@ -83,8 +97,8 @@ def imagefolder(*, root, split="train", seed=0, image_size=224, resize=256, val_
     keep = split_positions(labels, groups, len(class_names), split, val_fraction)
     if keep is not None:
         files, labels, groups = [files[i] for i in keep.tolist()], labels[keep], groups[keep]
-    crop = resize if split == "train" else image_size
-    images = load_images(folder, files, resize, crop, name=f"imagefolder-{split}",
+    side, crop = (train_size, train_size) if split == "train" else (resize, image_size)
+    images = load_images(folder, files, side, crop, name=f"imagefolder-{split}",
                          cache_dir=cache_folder(root, cache, cache_dir))
     return ImageDataset(
         images, labels, groups, len(class_names), 1, name=f"imagefolder-{split}",

@@ -2,7 +2,8 @@
 
 Shared by the file-based loaders (``utkface``, ``celeba``, ``imagefolder``). Files are decoded
 with Pillow in a thread pool (Pillow releases the GIL while decoding and resampling), resized
-as torchvision's ``Resize`` does on PIL images (bilinear, with Pillow's antialiasing), and
+as torchvision's ``Resize`` does on PIL images (bilinear, with Pillow's antialiasing) or kept
+at their original size (``size=None``: every file must then have the first file's size), and
 written straight into one preallocated array, so peak memory is the data set plus one image
 per thread. An optional cache stores the decoded array next to the data, keyed by the file
 list and the resize settings, and is written atomically.
@@ -47,14 +48,19 @@ def first_few(items: Sequence) -> str:
     return shown + (f" (and {len(items) - MAX_LISTED} more)" if len(items) > MAX_LISTED else "")
 
 
-def resize_rgb(image: Image.Image, size: int, crop: int | None = None) -> Image.Image:
+def resize_rgb(image: Image.Image, size: int | None, crop: int | None = None) -> Image.Image:
     """RGB ``image`` resized like torchvision on PIL images.
 
+    ``size is None``: unchanged (original size; ``crop`` must be None).
     ``crop is None``: squashed to ``size x size`` (``Resize((size, size))``).
     Otherwise the shorter side goes to ``size`` (``Resize(size)``: the longer side becomes
     ``int(size * long / short)``), then the centre ``crop x crop`` is kept (``CenterCrop``).
     """
     image = image.convert("RGB")
+    if size is None:
+        if crop is not None:
+            raise ValueError("resize_rgb: a centre crop needs a size to resize to first")
+        return image
     if crop is None:
         return image.resize((size, size), Image.BILINEAR)
     w, h = image.size
@@ -68,32 +74,62 @@ def resize_rgb(image: Image.Image, size: int, crop: int | None = None) -> Image.
     return image.crop((left, top, left + crop, top + crop))
 
 
-def decode_images(paths: Sequence[Path], size: int, crop: int | None = None, *, name: str,
+READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def stored_hw(paths: Sequence[Path], size: int | None, crop: int | None, *, name: str) -> tuple[int, int]:
+    """(height, width) of the decoded images: ``crop or size`` square, or with ``size=None``
+    the first file's own size (read from its header; (0, 0) for no files)."""
+    if size is not None:
+        return (crop or size,) * 2
+    if not paths:
+        return 0, 0
+    try:
+        with Image.open(paths[0]) as image:
+            w, h = image.size
+    except READ_ERRORS as err:
+        raise DataError(f"{name}: image file {paths[0]} could not be read ({type(err).__name__}: {err})") from None
+    return h, w
+
+
+def decode_images(paths: Sequence[Path], size: int | None, crop: int | None = None, *, name: str,
                   workers: int | None = None) -> torch.Tensor:
-    """Decode ``paths`` into a uint8 (N, 3, S, S) tensor, S = ``crop or size`` (see ``resize_rgb``).
+    """Decode ``paths`` into a uint8 (N, 3, H, W) tensor, ``H = W = crop or size``, or with
+    ``size=None`` the files' own size, the same for all (see ``resize_rgb``).
 
-    Files that are missing or that Pillow cannot read give one DataError naming the first few.
+    Files that are missing or that Pillow cannot read, and with ``size=None`` files of another
+    size than the first, give one DataError naming the first few.
     """
-    side = crop or size
-    out = np.empty((len(paths), 3, side, side), dtype=np.uint8)
+    h, w = stored_hw(paths, size, crop, name=name)
+    out = np.empty((len(paths), 3, h, w), dtype=np.uint8)
 
-    def work(i: int) -> str | None:
+    def work(i: int) -> tuple[str, str] | None:
         try:
             with Image.open(paths[i]) as image:
+                if size is None and image.size != (w, h):
+                    return "size", f"{paths[i]} is {image.size[0]}x{image.size[1]}"
                 out[i] = np.asarray(resize_rgb(image, size, crop)).transpose(2, 0, 1)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-            return f"{paths[i]} ({type(err).__name__}: {err})"
+        except READ_ERRORS as err:
+            return "read", f"{paths[i]} ({type(err).__name__}: {err})"
         return None
 
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        failed = [msg for msg in pool.map(work, range(len(paths))) if msg is not None]
+        problems = [p for p in pool.map(work, range(len(paths))) if p is not None]
+    failed = [msg for kind, msg in problems if kind == "read"]
     if failed:
         raise DataError(f"{name}: {len(failed)} image file(s) could not be read: {first_few(failed)}")
+    if problems:
+        odd = [msg for _, msg in problems]
+        raise DataError(
+            f"{name}: {len(odd)} image file(s) are not {w}x{h} (width x height) like {paths[0]}, so the images "
+            f"cannot be stored at their original size: {first_few(odd)}; store them resized instead "
+            f"(the data set's size option, e.g. train_size=176)"
+        )
     return torch.from_numpy(out)
 
 
-def cache_path(cache_dir: Path, base: Path, name: str, names: Sequence[str], size: int, crop: int | None) -> Path:
+def cache_path(cache_dir: Path, base: Path, name: str, names: Sequence[str], size: int | None, crop: int | None) -> Path:
     """Cache file for the files ``base / n`` (``n`` in ``names``) at these resize settings."""
     key = json.dumps({"format": CACHE_FORMAT, "name": name, "base": str(Path(base).resolve()), "size": size,
                       "crop": crop, "files": list(names)})
@@ -107,22 +143,22 @@ def cache_folder(root, cache: bool, cache_dir) -> Path | None:
     return Path(cache_dir) if cache_dir else Path(root) / ".fairdistill_cache"
 
 
-def load_images(base: Path, names: Sequence[str], size: int, crop: int | None = None, *, name: str,
+def load_images(base: Path, names: Sequence[str], size: int | None, crop: int | None = None, *, name: str,
                 cache_dir: Path | None = None) -> torch.Tensor:
     """Decoded images of the files ``base / n`` for ``n`` in ``names`` (see ``decode_images``).
 
     With ``cache_dir`` the result is read from, or else written to, a cache file there whose
     name hashes ``name``, the absolute ``base`` (a moved data folder is decoded afresh),
-    ``names``, ``size`` and ``crop``. An unreadable cache is rebuilt; a cache that cannot be
+    ``names``, ``size`` (None: original size) and ``crop``. An unreadable cache is rebuilt; a cache that cannot be
     written only logs a warning.
     """
     target = cache_path(cache_dir, base, name, names, size, crop) if cache_dir is not None else None
-    side = crop or size
     if target is not None and target.exists():
         try:
             images = torch.load(target, weights_only=True)
+            hw = stored_hw([Path(base) / n for n in names[:1]], size, crop, name=name)
             if (isinstance(images, torch.Tensor) and images.dtype == torch.uint8
-                    and tuple(images.shape) == (len(names), 3, side, side)):
+                    and tuple(images.shape) == (len(names), 3, *hw)):
                 return images
             log.warning("%s: cache %s holds unexpected data; decoding the images again", name, target)
         except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .augment import crop_flip, draw_params
+from .augment import CropSpec, apply_crop, crop_flip, draw_boxes, draw_params
 from .base import ImageDataset
 from .samplers import balanced_indices, balanced_quota, check_sampler, sequential_indices, uniform_indices
 
@@ -27,9 +27,16 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 class BatchLoader:
     """Batches ``(x, y, g)`` of ``dataset`` on ``device``.
 
-    x: float32 (b, C, H, W), scaled to [0, 1], augmented (``padding`` > 0: reflect-pad + random
-    crop; ``flip``: random horizontal flip), then normalised with the dataset's ``mean``/``std``
-    when it has them. y, g: int64 (b,). ``batch_size`` is per process; the global batch holds
+    x: float32 (b, C, H, W), scaled to [0, 1], augmented, then normalised with the dataset's
+    ``mean``/``std`` when it has them. y, g: int64 (b,).
+
+    Augmentation: ``crop`` (a :class:`~fairdistill.data.augment.CropSpec` or its config form,
+    e.g. ``"random_resized:224"``, ``{"kind": "center", "size": 224}``; None = no crop) crops
+    every image to ``crop.size`` squares, reflect-padded by ``padding`` first for kind
+    ``random``; without a crop, ``padding`` > 0 is a reflect-pad + random crop back to H x W
+    (OFD's CIFAR recipe). ``flip``: random horizontal flip. Without ``crop`` the batches and the
+    random stream are exactly those of the loader before crops existed. ``crop_key`` names the
+    config key in crop errors. ``batch_size`` is per process; the global batch holds
     ``batch_size * world_size`` rows, and the balanced sampler's per-cell quota is computed from
     the global batch. ``drop_last=True`` drops the last, smaller global batch; with
     ``drop_last=False`` every row is delivered (evaluation must see every item), so when that last
@@ -46,6 +53,8 @@ class BatchLoader:
         drop_last: bool = False,
         padding: int = 0,
         flip: bool = False,
+        crop: CropSpec | str | dict | None = None,
+        crop_key: str = "crop",
         device: str | torch.device = "cpu",
         seed: int = 0,
         rank: int = 0,
@@ -61,6 +70,8 @@ class BatchLoader:
             raise ConfigError(
                 f"padding must be in 0..{min(h, w) - 1} (reflect padding of {h}x{w} images of {dataset.name}), got {padding!r}"
             )
+        self.crop = CropSpec.parse(crop, crop_key)
+        self.crop.check(h, w, int(padding), dataset.name, crop_key)
         self.dataset = dataset
         self.batch_size, self.drop_last = int(batch_size), bool(drop_last)
         self.padding, self.flip = int(padding), bool(flip)
@@ -110,8 +121,18 @@ class BatchLoader:
         """Rows this process receives per epoch (the sum of its batch sizes)."""
         return sum(len(range(start + self.rank, stop, self.world_size)) for start, stop in self._global_batches())
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images this loader yields (after the crop)."""
+        c, h, w = self.dataset.image_shape
+        return (c, *self.crop.output_hw(h, w))
+
     def indices(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The epoch's global index order and augmentation parameters (offsets, flips), on the CPU."""
+        """The epoch's global index order and augmentation parameters, on the CPU: without a
+        crop, offsets (n, 2) (top, left in the padded image) and flips (n,); with one, boxes
+        (n, 4) (top, left, height, width in stored-image pixels) and flips (n,). Drawn in this
+        order from ``epoch_generator(seed, epoch)``: the sampler's order, then the crop's
+        parameters (``augment.draw_params`` or ``augment.draw_boxes``), then the flips."""
         gen = epoch_generator(self.seed, epoch)
         n = len(self.dataset)
         if self.sampler == "uniform":
@@ -121,7 +142,11 @@ class BatchLoader:
         else:
             ds = self.dataset
             order = balanced_indices(ds.labels, ds.groups, ds.num_classes, ds.num_groups, self.global_batch, gen)
-        offsets, flips = draw_params(order.numel(), self.padding, self.flip, gen)
+        if self.crop.kind == "none":
+            offsets, flips = draw_params(order.numel(), self.padding, self.flip, gen)
+        else:
+            h, w = self.dataset.image_shape[1:]
+            offsets, flips = draw_boxes(self.crop, order.numel(), h, w, self.padding, self.flip, gen)
         return order, offsets, flips
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -130,9 +155,12 @@ class BatchLoader:
         for start, stop in self._global_batches():
             rows = slice(start + self.rank, stop, self.world_size)
             idx = order[rows].to(self.device)
-            x = self.images[idx].float().div_(255.0)
-            if self.padding or self.flip:
-                x = crop_flip(x, offsets[rows], flips[rows], self.padding)
+            if self.crop.kind != "none":
+                x = apply_crop(self.images[idx], self.crop, offsets[rows], flips[rows]).div_(255.0)
+            else:
+                x = self.images[idx].float().div_(255.0)
+                if self.padding or self.flip:
+                    x = crop_flip(x, offsets[rows], flips[rows], self.padding)
             if self.mean is not None:
                 x = (x - self.mean) / self.std
             yield x, self.labels[idx], self.groups[idx]

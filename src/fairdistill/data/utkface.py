@@ -13,13 +13,15 @@ rest the training set. ``val_fraction > 0`` holds out a stratified part of the t
 (``data/split.py``).
 
 Images: the official code trains on Resize(256, 256) -> RandomCrop(176) -> flip and tests on
-Resize(176, 176). The batch pipeline here augments by flips and reflect-pad crops only, so by
-default the training images are stored squashed to ``image_size`` (176) like the test images:
-train and test then see faces at the same scale, without the official random 176-of-256 crop.
-``resize=256`` stores training images at 256 x 256 for a pipeline that crops 176 without
-padding. Memory: about 20,800 training images x 3 x 176^2 bytes = 1.9 GB (4.1 GB at 256);
-``cache=True`` keeps the decoded arrays in ``cache_dir`` (default ``ROOT/.fairdistill_cache``).
-Normalisation: ImageNet mean and std.
+Resize(176, 176) (reference ``mfd.md`` §2.2). Test and val images are stored squashed to
+``image_size`` (176), exactly the official test transform. ``resize=256`` stores the training
+images squashed to 256 x 256 (the official Resize, done once with Pillow as torchvision does);
+the batch pipeline's ``random`` 176 crop and flip (``data.crop``, ``data.flip``;
+``data/augment.py``) then give the official training images pixel for pixel (with the same
+Pillow), only from another random stream. Without ``resize`` the training images are stored
+like the test images (176), for flips only, as before. Memory: about 20,800 training images x
+3 x 176^2 bytes = 1.9 GB (4.1 GB at 256); ``cache=True`` keeps the decoded arrays in
+``cache_dir`` (default ``ROOT/.fairdistill_cache``). Normalisation: ImageNet mean and std.
 """
 from __future__ import annotations
 
@@ -109,7 +111,8 @@ def utkface(*, root, split="train", seed=0, image_size=176, resize=None, test_pe
     """UTKFace, 3 age bins x 4 races (see the module docstring).
 
     Options: ``image_size`` (side of test/val images and, by default, of training images;
-    176), ``resize`` (side the training images are stored at, None = ``image_size``),
+    176), ``resize`` (side the training images are stored at, None = ``image_size``; 256 for
+    the official Resize(256) + RandomCrop(176)),
     ``test_per_cell`` (test images per (race, age-bin) cell; 100), ``val_fraction`` (stratified
     hold-out of the training set for "val"; 0), ``cache`` / ``cache_dir`` (keep the decoded
     images on disk). ``seed`` does not change this data set.
