@@ -50,8 +50,9 @@ def segmentation_counts(pred, target, groups, num_classes: int, num_groups: int)
 
     ``pred`` and ``target``: integer class maps of the same shape (B, H, W) (any shape whose first
     axis is the image); ``groups``: one group per image, (B,). Pixels with a target outside
-    [0, num_classes) are not counted; a counted pixel's prediction must lie in [0, num_classes).
+    [0, num_classes) are not counted; every prediction must lie in [0, num_classes).
     """
+    uint8 = torch.as_tensor(target).dtype == torch.uint8  # then no target is negative
     pred, target, groups = _integer(pred, "pred"), _integer(target, "target"), _integer(groups, "groups").reshape(-1)
     if pred.shape != target.shape or pred.dim() < 1:
         raise DataError(f"pred and target must be class maps of one shape (B, H, W); got {tuple(pred.shape)} "
@@ -59,16 +60,21 @@ def segmentation_counts(pred, target, groups, num_classes: int, num_groups: int)
     if groups.numel() != target.shape[0]:
         raise DataError(f"groups must have one entry per image: {target.shape[0]} images, {groups.numel()} groups")
     check_range(groups, num_groups, "groups", "num_groups")
-    keep = (target >= 0) & (target < num_classes)
-    image_base = (groups * (num_classes * num_classes)).view(-1, *([1] * (target.dim() - 1)))
-    bad = keep & ((pred < 0) | (pred >= num_classes))
-    if bool(bad.any()):
-        raise DataError(f"predictions must lie in [0, {num_classes - 1}] (num_classes = {num_classes}) but "
-                        f"range over [{int(pred[bad].min())}, {int(pred[bad].max())}]; check num_classes "
-                        f"against the model's output channels")
-    idx = (image_base + target * num_classes + pred)[keep]
+    if pred.numel():
+        lo, hi = torch.aminmax(pred)
+        if int(lo) < 0 or int(hi) >= num_classes:
+            raise DataError(f"predictions must lie in [0, {num_classes - 1}] (num_classes = {num_classes}) but "
+                            f"range over [{int(lo)}, {int(hi)}]; check num_classes against the model's output channels")
     n = num_groups * num_classes * num_classes
-    return torch.bincount(idx, minlength=n).view(num_groups, num_classes, num_classes)
+    image_base = (groups * (num_classes * num_classes)).view(-1, *([1] * (target.dim() - 1)))
+    idx = target * num_classes
+    idx += pred
+    idx += image_base
+    dropped = target >= num_classes
+    if not uint8:
+        dropped |= target < 0
+    idx.masked_fill_(dropped, n)  # one extra bin for the dropped pixels, cut off below
+    return torch.bincount(idx.reshape(-1), minlength=n + 1)[:n].view(num_groups, num_classes, num_classes)
 
 
 def _iou(counts: torch.Tensor) -> torch.Tensor:
