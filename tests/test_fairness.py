@@ -200,3 +200,12 @@ def test_against_fairlearn_metricframe(C, G, seed):
     assert m["deo_a"] == pytest.approx(np.mean(tpr)) and m["deo_m"] == pytest.approx(np.max(tpr))
     np.testing.assert_array_equal(m["cell_count"], [[int(((g == k) & (y == c)).sum()) for c in range(C)]
                                                     for k in range(G)])
+
+
+def test_fairlearn_scores_an_empty_cell_as_zero_we_leave_it_out():
+    fm = pytest.importorskip("fairlearn.metrics")
+    y, g, p = np.array([0, 0, 1]), np.array([0, 1, 0]), np.array([0, 1, 1])
+    frame = fm.MetricFrame(metrics=fm.true_positive_rate, y_true=y == 1, y_pred=p == 1, sensitive_features=g)
+    assert frame.difference() == pytest.approx(1.0)  # group 1 has no class-1 item: TPR taken as 0
+    m = group_metrics(p, y, g, 2, 2)
+    assert math.isnan(m["deo_gap"][1]) and m["excluded_cells"] == [[1, 1]]
