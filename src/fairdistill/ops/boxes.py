@@ -120,17 +120,32 @@ def _matrix_groups(sorted_boxes: torch.Tensor, group: torch.Tensor, pos: torch.T
 
 
 def _fixed_point(boxes: torch.Tensor, valid: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """Greedy NMS keep flags (G, M) for score-sorted padded boxes (G, M, 4) (see module docstring)."""
+    """Greedy NMS keep flags (G, M) for score-sorted padded boxes (G, M, 4) (see module docstring).
+
+    ``over[g, i, j]`` = 1 where box i precedes j and IoU > threshold; one iteration is a batched
+    vector-matrix product (a box is suppressed when a kept box precedes and overlaps it).
+    """
     m = boxes.shape[1]
-    later = torch.ones(m, m, dtype=torch.bool, device=boxes.device).triu(1)  # later[i, j]: i before j
-    over = (box_iou(boxes, boxes) > iou_threshold) & later & valid[:, :, None]
+    over = _overlaps(boxes, iou_threshold)
+    over.triu_(1).mul_(valid[:, :, None])
     keep = valid.clone()
     for _ in range(m):
-        new = valid & ~(over & keep[:, :, None]).any(1)
+        new = valid & (torch.bmm(keep[:, None, :].to(over.dtype), over)[:, 0] == 0)
         if torch.equal(new, keep):
             break
         keep = new
     return keep
+
+
+def _overlaps(boxes: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """(G, M, M) float 0/1: IoU > threshold for every pair, with ``box_iou``'s arithmetic
+    (a pair with an empty union gives 0/0, which is not above any threshold, as box_iou's 0)."""
+    x1, y1, x2, y2 = boxes.float().unbind(-1)
+    area = (x2 - x1).clamp_(min=0) * (y2 - y1).clamp_(min=0)
+    inter = (torch.minimum(x2[:, :, None], x2[:, None, :]) - torch.maximum(x1[:, :, None], x1[:, None, :])).clamp_(min=0)
+    inter *= (torch.minimum(y2[:, :, None], y2[:, None, :]) - torch.maximum(y1[:, :, None], y1[:, None, :])).clamp_(min=0)
+    union = area[:, :, None] + area[:, None, :] - inter
+    return (inter.div_(union) > iou_threshold).float()
 
 
 def _greedy_loop(sorted_boxes: torch.Tensor, iou_threshold: float) -> torch.Tensor:
