@@ -313,3 +313,43 @@ def test_image_without_boxes_and_input_untouched():
         SSDAugmentation(0)
     with pytest.raises(ConfigError, match="fill"):
         SSDAugmentation(8, fill=(1.0, 2.0))(image, torch.zeros(0, 4), torch.Generator())
+
+
+# ------------------------------------------------------------------ the batch-pipeline hook
+def test_hook_is_the_recipe_without_its_flip():
+    image = pixels(30, 40, seed=9).to(torch.uint8)
+    boxes = torch.tensor([[4.0, 3.0, 20.0, 25.0], [22.0, 5.0, 39.0, 28.0]])
+    labels, difficult = torch.tensor([3, 7]), torch.tensor([False, True])
+    aug = SSDAugmentation(24, flip=False)
+    for seed in range(8):
+        x, b, keep = aug(image, boxes, torch.Generator().manual_seed(seed))
+        hx, hb, hl, hd = aug.hook(image.float() / 255.0, boxes, labels, difficult, torch.Generator().manual_seed(seed))
+        assert torch.allclose(hx, x, atol=1e-5) and torch.equal(hb, b)
+        assert torch.equal(hl, labels[keep]) and torch.equal(hd, difficult[keep])
+
+
+def test_dense_batch_loader_with_the_hook():
+    from fairdistill.data.dense import DenseDataset
+    from fairdistill.data.dense_augment import DetectionAugment
+    from fairdistill.data.dense_loader import DenseBatchLoader
+
+    images = [pixels(30, 40, seed=1).to(torch.uint8), pixels(24, 20, seed=2).to(torch.uint8),
+              pixels(36, 36, seed=3).to(torch.uint8)]
+    boxes = [torch.tensor([[4.0, 3.0, 20.0, 25.0]]), torch.tensor([[1.0, 1.0, 19.0, 12.0], [5.0, 10.0, 9.0, 22.0]]),
+             torch.tensor([[10.0, 10.0, 30.0, 30.0]])]
+    labels = [torch.tensor([1]), torch.tensor([2, 1]), torch.tensor([2])]
+    ds = DenseDataset(images, torch.zeros(3), 2, 1, task="detection", name="tiny", boxes=boxes, box_labels=labels)
+    aug = SSDAugmentation(16)
+    settings = DetectionAugment(train=True, size=16, flip=True, antialias=False, transform=aug.hook)
+    loader = DenseBatchLoader(ds, 2, augment=settings, seed=4)
+    order, params = loader.indices(0)
+    got = [t for _, targets, _ in loader.epoch(0) for t in targets]
+    xs = torch.cat([x for x, _, _ in loader.epoch(0)])
+    for row, i in enumerate(order.tolist()):
+        gen = torch.Generator().manual_seed(int(params["seed"][row]))
+        x, b, lab, _ = aug.hook(images[i].float() / 255.0, boxes[i], labels[i], ds.difficult[i], gen)
+        if params["flip"][row]:
+            x, b = flip(x, b)
+        assert torch.allclose(xs[row], x, atol=1e-5)
+        assert torch.allclose(got[row]["boxes"], b) and torch.equal(got[row]["labels"], lab)
+        assert ((b >= 0) & (b <= 16)).all()

@@ -346,6 +346,10 @@ class SSDAugmentation:
     [0, 255] units (the data set mean x 255; default the ImageNet mean). ``photometric``,
     ``expand``, ``crop``, ``flip``: switch the steps on or off (all on in the recipe).
     ``max_expand``: the largest zoom-out ratio (4). ``min_ious``: the crop modes' IoU minima.
+
+    Calling it runs the whole recipe on one image; :meth:`hook` is the same without the flip,
+    for ``DenseBatchLoader`` (``DetectionAugment(train=True, size=S, flip=True,
+    antialias=False, transform=SSDAugmentation(S, fill=...).hook)``), which flips itself.
     """
 
     def __init__(self, size: int = 300, fill: Sequence[float] = DEFAULT_FILL, *, photometric: bool = True,
@@ -362,7 +366,7 @@ class SSDAugmentation:
         self.max_expand, self.min_ious = float(max_expand), tuple(float(m) for m in min_ious)
 
     def __call__(self, image: torch.Tensor, boxes: torch.Tensor, generator: torch.Generator):
-        """Augment one image.
+        """Augment one image with the whole recipe.
 
         ``image``: (C, H, W) uint8 (or float in [0, 255]) on any device; ``boxes``: (K, 4)
         float32 xyxy pixels inside the image, on the CPU; ``generator``: a CPU generator.
@@ -370,7 +374,21 @@ class SSDAugmentation:
         the kept boxes (K', 4) in pixels of x (0 <= x1 < x2 <= size), and ``keep`` (K',) int64,
         their positions in the input, to index labels and difficult flags with.
         """
-        x = image.float()
+        x, boxes, keep = self._augment(image.float(), boxes, generator, self.flip)
+        return x.div_(255.0).clamp_(0.0, 1.0), boxes, keep
+
+    def hook(self, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, difficult: torch.Tensor,
+             generator: torch.Generator):
+        """The recipe without its flip, as ``DetectionAugment.transform`` of ``DenseBatchLoader``:
+        ``image`` float32 (C, H, W) in [0, 1] on the loader's device, the targets on the CPU;
+        returns ``(x, boxes, labels, difficult)`` with x (C, size, size) in [0, 1], so the
+        loader's resize (to the same ``size``) is a no-op and its own random flip (p 0.5) is the
+        recipe's flip. Random numbers: photometric, expand, crop draws from ``generator``."""
+        x, boxes, keep = self._augment(image * 255.0, boxes, generator, False)
+        return x.div_(255.0).clamp_(0.0, 1.0), boxes, labels[keep], difficult[keep]
+
+    def _augment(self, x: torch.Tensor, boxes: torch.Tensor, generator: torch.Generator, flip: bool):
+        """``x`` float in [0, 255] (not modified) -> (image in [0, 255] at ``size``, boxes, keep)."""
         boxes = boxes.float()
         keep = torch.arange(boxes.shape[0])
         if len(self.fill) != x.shape[0]:
@@ -383,10 +401,9 @@ class SSDAugmentation:
         rect = draw_crop(boxes, expansion.height, expansion.width, generator, self.min_ious) if self.crop else None
         if rect is not None:
             boxes, keep = crop_boxes(boxes, rect)
-        mirror = self.flip and torch.rand(1, generator=generator).item() < 0.5
+        mirror = flip and torch.rand(1, generator=generator).item() < 0.5
         x = render(x, expansion, rect, self.fill, self.size, mirror)
         width, height = (rect[2] - rect[0], rect[3] - rect[1]) if rect is not None else (expansion.width, expansion.height)
         if mirror:
             boxes = flip_boxes(boxes, width)
-        boxes = scale_boxes(boxes, width, height, self.size)
-        return (x / 255.0).clamp_(0.0, 1.0), boxes, keep
+        return x, scale_boxes(boxes, width, height, self.size), keep
