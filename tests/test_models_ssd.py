@@ -68,14 +68,15 @@ def spatial(model: nn.Module, size: int) -> list[int]:
         return [s.shape[-1] for s in model.forward_features(torch.zeros(1, 3, size, size, device="meta")).stages]
 
 
-@pytest.mark.parametrize("backbone, channels", [
-    ("resnet50", [256, 512, 1024, 2048, 512, 256, 256]),
-    ("resnet18", [64, 128, 256, 512, 512, 256, 256]),
-    ("mobilenetv2", [144, 192, 576, 320, 512, 256, 256]),
+@pytest.mark.parametrize("backbone, channels, params", [
+    ("resnet50", [256, 512, 1024, 2048, 512, 256, 256], 31_663_918),
+    ("resnet18", [64, 128, 256, 512, 512, 256, 256], 15_483_182),
+    ("mobilenetv2", [144, 192, 576, 320, 512, 256, 256], 6_299_630),
 ])
-def test_ssd300_positions_pair_across_backbones(backbone, channels):
+def test_ssd300_positions_pair_across_backbones(backbone, channels, params):
     with torch.device("meta"):
         model = ssd300(num_classes=20, backbone=backbone)
+    assert count_parameters(model) == params  # the docstring's figures
     assert spatial(model, 300) == SSD300_SIZES  # equal sizes: OFD's 1x1 connectors pair them
     assert model.stage_channels == channels
     bns = model.stage_bns()
