@@ -2,21 +2,27 @@
 
 Layout under ``root``: ``cifar-10-batches-py/{data_batch_1..5, test_batch[, batches.meta]}`` and
 ``cifar-100-python/{train, test[, meta]}`` (the folders inside the official ``*-python.tar.gz``).
-The files are Python-2 pickles, read with ``encoding="bytes"`` (so keys are ``bytes``).
+The files are Python-2 pickles, read with ``encoding="bytes"`` (so keys are ``bytes``) by an
+unpickler that admits only numpy's array rebuilding (``CifarUnpickler``): a crafted file cannot
+run code.
 
-CIFAR-10S (Wang et al. CVPR 2020; MFD protocol, reference ``mfd.md`` §2.1): each training image
-is kept either gray (group 0) or colour (group 1). The 50k training images are shuffled with
-``seed``; with skew ratio r and the n_c = 5000 images of class c in shuffled order, the first
-``floor(n_c * r)`` are gray for a gray-majority class and the first ``n_c - floor(n_c * r)`` for the
-others (MFD writes ``floor(50000 r) / 10``; equal whenever 50000 r is a multiple of 10). Gray is
-the ITU-R 601 luma ``0.299 R + 0.587 G + 0.114 B`` (rounded half up, as PIL's ``convert("L")``)
-copied to 3 channels. The test set holds every test image twice: all gray (group 0) first, then
-all colour (group 1). No normalisation, as in MFD. Protocols:
+CIFAR-10S (Wang et al. CVPR 2020) as the official MFD code builds it (reference ``mfd.md`` §2.1;
+``data_handler/cifar10.py``, ``CIFAR10(shuffle=True, seed)`` and ``CIFAR_10S._make_skewed``):
+each training image is kept either gray (group 0) or colour (group 1). With N = 50000 training
+images, skew ratio r and K = ``int((N * r) // 10)``, the images are walked in the order
+``np.random.seed(seed); np.random.shuffle(np.arange(N))``; the first K met of each gray-majority
+class are gray, the first ``N // 10 - K`` of each other class are gray, the rest colour (r = 0.8:
+4000 / 1000 gray per class). ``cifar10s_groups`` reproduces that assignment exactly for every
+seed; the items keep the file order (the official code stores them in the shuffled order). Gray
+is PIL's ``convert("L")`` (``luma``) copied to 3 channels. The test set holds every test image
+twice: all gray (group 0) first, then all colour (group 1), in file order (the official code
+shuffles the test set too; order does not change any metric). No normalisation, as in MFD.
+Protocols:
 
 - ``"mfd"`` (default): gray-majority classes 0-4, r = 0.8 (MFD's code default).
 - ``"wang2020"``: gray-majority classes {airplane, bird, deer, frog, ship} = {0, 2, 4, 6, 8},
-  colour-majority {automobile, cat, dog, horse, truck}, r = 0.95. The shuffle still uses ``seed``
-  (Wang et al. fixed theirs with ``random.seed(42)``).
+  colour-majority {automobile, cat, dog, horse, truck}, r = 0.95. The shuffle and counts are
+  MFD's (Wang et al. sampled theirs with ``random.seed(42)``).
 """
 from __future__ import annotations
 
@@ -43,27 +49,88 @@ PROTOCOLS = {"mfd": ((0, 1, 2, 3, 4), 0.8), "wang2020": ((0, 2, 4, 6, 8), 0.95)}
 """CIFAR-10S protocol -> (gray-majority classes, default skew ratio)."""
 
 
+PIL_LUMA_WEIGHTS = (19595, 38470, 7471)
+"""PIL's ITU-R 601 weights (0.299, 0.587, 0.114) in units of 2^-16 (Pillow ``Convert.c``, ``L24``)."""
+
+
 def luma(images: torch.Tensor) -> torch.Tensor:
-    """ITU-R 601 luma of uint8 RGB images (N, 3, H, W), rounded half up, copied to 3 channels."""
-    rgb = images.to(torch.int32)
-    y = (299 * rgb[:, 0] + 587 * rgb[:, 1] + 114 * rgb[:, 2] + 500) // 1000
-    return y.to(torch.uint8).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+    """PIL's ``Image.convert("L")`` of uint8 RGB images (N, 3, H, W), copied to 3 channels.
+
+    Pillow computes ``(19595 R + 38470 G + 7471 B + 0x8000) >> 16`` (``Convert.c``: ``rgb2l``,
+    ``L24``): the ITU-R 601 luma in 16-bit fixed point, rounded half up. It is at most 0.501 from
+    ``0.299 R + 0.587 G + 0.114 B`` but one level off that value rounded on 9,040 of the 2^24
+    RGB triples; MFD's gray images are PIL's.
+    """
+    n, _, h, w = images.shape
+    rgb = images.reshape(n, 3, h * w)
+    wr, wg, wb = PIL_LUMA_WEIGHTS
+    y = rgb[:, 0].to(torch.int32).mul_(wr)
+    y.add_(rgb[:, 1].to(torch.int32), alpha=wg).add_(rgb[:, 2].to(torch.int32), alpha=wb)
+    y.add_(0x8000).bitwise_right_shift_(16)
+    return y.to(torch.uint8).view(n, 1, h, w).expand(-1, 3, -1, -1).contiguous()
+
+
+def gray_first(labels: torch.Tensor, order: torch.Tensor, n_gray: Sequence[int]) -> torch.Tensor:
+    """Group of each item (0 = gray, 1 = colour) when, walking the items in ``order``, the first
+    ``n_gray[c]`` met of class c are gray (all of them if the class has fewer; none for a label
+    outside ``0..len(n_gray) - 1``, which the data set's own check then reports)."""
+    order = np.asarray(order, dtype=np.int64)
+    walked = np.asarray(labels, dtype=np.int64)[order]
+    groups = np.ones(walked.size, dtype=np.int64)
+    for c in np.unique(walked).tolist():
+        if 0 <= c < len(n_gray):
+            groups[order[walked == c][: n_gray[c]]] = 0
+    return torch.from_numpy(groups)
+
+
+def check_legacy_seed(name: str, seed: int) -> int:
+    """``seed`` as an int that ``np.random.seed`` accepts (0 to 2**32 - 1), else ConfigError."""
+    if isinstance(seed, bool) or int(seed) != seed or not 0 <= int(seed) < 2**32:
+        raise ConfigError(
+            f"{name}: seed must be an integer from 0 to 2**32 - 1 (it seeds numpy's legacy shuffle, "
+            f"as the official code does), got {seed!r}"
+        )
+    return int(seed)
+
+
+def mfd_order(n: int, seed: int) -> torch.Tensor:
+    """The official CIFAR10(shuffle=True) order: ``np.random.seed(seed)`` then
+    ``np.random.shuffle(np.arange(n))``, drawn from a private ``np.random.RandomState(seed)``
+    (the same stream; the global numpy state is left alone). NumPy freezes RandomState's streams
+    (NEP 19), so the order is the same on every numpy version."""
+    index = np.arange(n, dtype=np.int64)
+    np.random.RandomState(check_legacy_seed("cifar10s", seed)).shuffle(index)
+    return torch.from_numpy(index)
+
+
+def cifar10s_groups(labels: torch.Tensor, skew: float, gray_classes: Iterable[int], seed: int, num_classes: int = 10) -> torch.Tensor:
+    """CIFAR-10S group of each training item (0 = gray, 1 = colour), as MFD's ``_make_skewed``.
+
+    With N items, ``K = int((N * skew) // num_classes)`` (the official expression, N = 50000),
+    walking ``mfd_order(N, seed)``: the first K met of a class in ``gray_classes`` and the first
+    ``N // num_classes - K`` of any other class are gray.
+    """
+    n = labels.numel()
+    major = int((n * skew) // num_classes)
+    minor = n // num_classes - major
+    gray_classes = set(gray_classes)
+    n_gray = [major if c in gray_classes else minor for c in range(num_classes)]
+    return gray_first(labels, mfd_order(n, seed), n_gray)
 
 
 def skewed_groups(labels: torch.Tensor, skew: float, gray_classes: Iterable[int], seed: int) -> torch.Tensor:
-    """CIFAR-10S group of each training item: 0 = gray, 1 = colour (see the module docstring).
+    """digits-s's own CIFAR-10S-style assignment (its classes differ in size; not MFD's order).
 
-    Items are visited in a random order drawn from ``seed``; for class c with n_c items,
+    Items are walked in ``torch.randperm`` order from ``seed``; for class c with n_c items,
     ``k = floor(n_c * skew)`` of them are gray if c is in ``gray_classes``, ``n_c - k`` otherwise.
     """
     gray_classes = set(gray_classes)
     order = torch.randperm(labels.numel(), generator=torch.Generator().manual_seed(int(seed)))
-    groups = torch.ones(labels.numel(), dtype=torch.long)
-    for c in labels.unique().tolist():
-        members = order[labels[order] == c]
-        k = int(np.floor(members.numel() * skew + 1e-9))
-        groups[members[: k if c in gray_classes else members.numel() - k]] = 0
-    return groups
+    n_gray = []
+    for c, n_c in enumerate(torch.bincount(labels).tolist()):
+        k = int(np.floor(n_c * skew + 1e-9))
+        n_gray.append(k if c in gray_classes else n_c - k)
+    return gray_first(labels, order, n_gray)
 
 
 def gray_and_colour(images: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
@@ -88,14 +155,65 @@ def _expected(folder: str, files: Sequence[str]) -> str:
     return f"{folder}/ holding {', '.join(files)}"
 
 
+CIFAR_PICKLE_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"),  # numpy's array rebuilder, as the real files name it
+    ("numpy._core.multiarray", "_reconstruct"),  # the same under numpy >= 2 (a re-saved file)
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+})
+"""The only globals a CIFAR python pickle may name. The real files are Python-2 pickles of dicts
+of strings, numbers, lists and uint8 numpy arrays; an array is rebuilt as
+``_reconstruct(ndarray, (0,), b"b")`` followed by its state (shape, ``dtype("u1", 0, 1)``, raw
+bytes), so these three are all they name (the second entry is the same function under the name
+numpy 2 writes, for a file re-saved at protocol 2 to 4)."""
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle named a global outside ``CIFAR_PICKLE_GLOBALS``."""
+
+    def __init__(self, module: str, name: str):
+        super().__init__(f"{module}.{name}")
+        self.qualified = f"{module}.{name}"
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` (``encoding="bytes"``) that resolves only ``CIFAR_PICKLE_GLOBALS``.
+
+    Besides building str, bytes, numbers, tuples, lists, sets and dicts itself, a pickle can only
+    call what it names as a global (REDUCE, NEWOBJ, INST and OBJ call it, BUILD calls its
+    ``__setstate__``; every way of naming one, GLOBAL, STACK_GLOBAL and the copyreg EXT codes,
+    goes through ``find_class``). Refusing every other global before it is imported rejects a
+    crafted file before any of its code runs.
+    """
+
+    def __init__(self, file):
+        super().__init__(file, encoding="bytes")
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in CIFAR_PICKLE_GLOBALS:
+            raise RefusedGlobal(module, name)
+        return super().find_class(module, name)
+
+
 def unpickle(path: str, what: str) -> dict:
-    """Load one Python-2 CIFAR pickle with ``bytes`` keys; DataError naming the file otherwise."""
+    """Load one Python-2 CIFAR pickle with ``bytes`` keys (``CifarUnpickler``).
+
+    DataError naming the file when it is missing, damaged, not a dict, or names a global the
+    real files never name (refused before it is imported or called).
+    """
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = CifarUnpickler(f).load()
     except FileNotFoundError:
         raise DataError(f"{what}: missing file {path}") from None
-    except Exception as e:  # any unpickling failure means the file is damaged
+    except RefusedGlobal as e:
+        raise DataError(
+            f"{what}: refused to load {path}: it names the Python global {e.qualified}, which a real CIFAR "
+            f"python file never does (they name only {', '.join(sorted('.'.join(g) for g in CIFAR_PICKLE_GLOBALS))}); "
+            f"it could run code, so it was neither imported nor called. Replace the file with a fresh copy "
+            f"from the official python archive"
+        ) from None
+    except Exception as e:  # any other unpickling failure means the file is damaged
         raise DataError(
             f"{what}: cannot read {path}: the file is truncated or corrupt ({type(e).__name__}: {e}); "
             f"replace it with a fresh copy from the official python archive"
@@ -122,15 +240,17 @@ def load_batches(root: str, folder: str, files: Sequence[str], label_key: bytes,
         if b"data" not in batch or label_key not in batch:
             found = ", ".join(repr(k) for k in batch)
             raise DataError(f"{what}: {path} lacks key {b'data'!r} or {label_key!r} (found {found}); is it a CIFAR file of this data set?")
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
-        y = np.asarray(batch[label_key], dtype=np.int64).reshape(-1)
-        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != y.size:
-            raise DataError(
-                f"{what}: {path} holds data of shape {data.shape} and {y.size} labels; expected (N, 3072) with N labels"
-            )
-        images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
-        labels.append(torch.from_numpy(y))
-    return torch.cat(images), torch.cat(labels)
+        data, y = batch[b"data"], np.asarray(batch[label_key])
+        if y.size == 0:
+            y = y.astype(np.int64)
+        if y.ndim != 1 or y.dtype.kind not in "iu":
+            raise DataError(f"{what}: {path}: {label_key!r} holds {y.dtype} values of shape {y.shape}; expected a list of integer labels")
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != y.size:
+            found = f"{data.dtype} data of shape {data.shape}" if isinstance(data, np.ndarray) else f"a {type(data).__name__}"
+            raise DataError(f"{what}: {path} holds {found} and {y.size} labels; expected uint8 data of shape (N, 3072) with N labels")
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.append(y.astype(np.int64))
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
 def label_names(root: str, folder: str, meta: str, key: bytes, count: int) -> list[str] | None:
@@ -194,20 +314,22 @@ def cifar10s(
     """CIFAR-10S: CIFAR-10 with a class-dependent gray/colour skew (module docstring).
 
     ``protocol``: "mfd" or "wang2020" (class split and default skew). ``skew``: the ratio r, None
-    for the protocol's (0.8 / 0.95). ``seed``: the shuffle that decides which training images are
-    gray. ``val_fraction``: share of each (group, class) cell held out of "train" as "val".
+    for the protocol's (0.8 / 0.95). ``seed``: the official numpy shuffle (``mfd_order``) that
+    decides which training images are gray, 0 to 2**32 - 1. ``val_fraction``: share of each (group, class) cell held out of "train" as "val".
     """
     if protocol not in PROTOCOLS:
         raise ConfigError(f"cifar10s: protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     gray_classes, default_skew = PROTOCOLS[protocol]
     skew = check_skew("cifar10s", default_skew if skew is None else skew)
     check_val_fraction("cifar10s", split, val_fraction)
+    if split != "test":
+        check_legacy_seed("cifar10s", seed)
     all_files = CIFAR10_TRAIN + CIFAR10_TEST
     x, y = load_batches(root, CIFAR10_FOLDER, _split_files(split, CIFAR10_TRAIN, CIFAR10_TEST), b"labels", "cifar10s", all_files)
     names = label_names(root, CIFAR10_FOLDER, "batches.meta", b"label_names", 10) or CIFAR10_CLASSES
     if split == "test":
         x, y, g = both_versions(x, y)
         return ImageDataset(x, y, g, 10, 2, name="cifar10s", class_names=names, group_names=GROUP_NAMES)
-    g = skewed_groups(y, skew, gray_classes, seed)
+    g = cifar10s_groups(y, skew, gray_classes, seed)
     ds = ImageDataset(gray_and_colour(x, g), y, g, 10, 2, name="cifar10s", class_names=names, group_names=GROUP_NAMES)
     return select_split(ds, split, val_fraction)
