@@ -148,6 +148,19 @@ def test_random_crop_is_an_exact_copy_of_the_padded_image(padding):
         assert np.array_equal(got[k].numpy(), want)
 
 
+@pytest.mark.parametrize("crop", ["random:5", "center:4", "random_resized:6", "resize:3"])
+def test_crops_read_from_the_store_by_index(crop):
+    g = torch.Generator().manual_seed(6)
+    store = torch.randint(0, 256, (20, 3, 8, 7), generator=g, dtype=torch.uint8)
+    index = torch.tensor([3, 17, 3, 0, 11])
+    spec = CropSpec.parse(crop)
+    boxes, flips = draw_boxes(spec, 5, 8, 7, 1 if spec.kind == "random" else 0, True, g)
+    got = apply_crop(store, spec, boxes, flips, index=index)
+    assert torch.equal(got, apply_crop(store[index], spec, boxes, flips))
+    strided = store.transpose(2, 3).contiguous().transpose(2, 3)  # same values, not contiguous
+    assert torch.equal(apply_crop(strided, spec, boxes, flips, index=index), got)
+
+
 def test_random_crop_offsets_cover_every_position_uniformly():
     boxes, flips = draw_boxes(CropSpec("random", 176), 8000, 256, 200, 0, True, torch.Generator().manual_seed(0))
     tops, lefts = boxes[:, 0], boxes[:, 1]

@@ -308,19 +308,27 @@ def _reflect(pos: torch.Tensor, n: int) -> torch.Tensor:
     return torch.where(pos > n - 1, 2 * (n - 1) - pos, pos)
 
 
-def crop_gather(x: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """Integer crops (B, C, bh, bw), ``(bh, bw) = hw`` (the boxes' common size), of ``x``
-    (B, C, H, W) at ``boxes[:, :2]`` (top, left; negative or overhanging positions read the
-    reflect padding), mirrored left-right where ``flips``: exact copies, any dtype, one gather
-    per axis."""
-    b, c, h, w = x.shape
+def crop_gather(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, hw: tuple[int, int],
+                index: torch.Tensor | None = None) -> torch.Tensor:
+    """Integer crops (B, C, bh, bw), ``(bh, bw) = hw`` (the boxes' common size), of the images
+    ``images[index]`` (all of ``images`` (N, C, H, W) when ``index`` is None) at ``boxes[:, :2]``
+    (top, left; negative or overhanging positions read the reflect padding), mirrored left-right
+    where ``flips``: exact copies, any dtype. The rows are read straight from ``images`` (one
+    ``index_select`` of whole rows; no copy of the uncropped batch), then one gather of columns."""
+    n, c, h, w = images.shape
     bh, bw = hw
-    boxes, flips = boxes.to(x.device), flips.to(x.device)
-    ar_h, ar_w = torch.arange(bh, device=x.device), torch.arange(bw, device=x.device)
+    dev = images.device
+    index = torch.arange(n, device=dev) if index is None else index.to(dev)
+    b = index.numel()
+    boxes, flips = boxes.to(dev), flips.to(dev)
+    ar_h, ar_w = torch.arange(bh, device=dev), torch.arange(bw, device=dev)
     rows = _reflect(boxes[:, :1] + ar_h, h)  # (B, bh)
     cols = _reflect(boxes[:, 1:2] + torch.where(flips[:, None], ar_w.flip(0), ar_w), w)  # (B, bw)
-    x = x.gather(2, rows[:, None, :, None].expand(b, c, bh, w))
-    return x.gather(3, cols[:, None, None, :].expand(b, c, bh, bw))
+    # row r of channel ch of image i is row (i * C + ch) * H + r of images viewed as (N*C*H, W)
+    flat = ((index[:, None, None] * c + torch.arange(c, device=dev)[None, :, None]) * h + rows[:, None, :]).reshape(-1)
+    x = images.reshape(n * c * h, w).index_select(0, flat)  # (B*C*bh, W)
+    x = x.gather(1, cols[:, None, None, :].expand(b, c, bh, bw).reshape(b * c * bh, bw))
+    return x.view(b, c, bh, bw)
 
 
 def _axis(start: torch.Tensor, length: torch.Tensor, size: int) -> torch.Tensor:
@@ -348,9 +356,11 @@ def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int, flips: torch.T
     return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def apply_crop(x: torch.Tensor, spec: CropSpec, boxes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+def apply_crop(images: torch.Tensor, spec: CropSpec, boxes: torch.Tensor, flips: torch.Tensor,
+               index: torch.Tensor | None = None) -> torch.Tensor:
     """``spec`` applied with its drawn ``boxes`` and ``flips`` (:func:`draw_boxes`) to the batch
-    ``x`` (B, C, H, W), any dtype: float32 (B, C, S, S) in the units of ``x``."""
+    ``images[index]`` (all of ``images`` (N, C, H, W), any dtype, when ``index`` is None):
+    float32 (B, C, S, S) in the units of ``images``. A contiguous ``images`` avoids a copy."""
     if spec.kind in RESAMPLED_KINDS:
-        return resized_crop(x, boxes, spec.size, flips)
-    return crop_gather(x, boxes, flips, spec.output_hw(x.shape[2], x.shape[3])).float()
+        return resized_crop(images if index is None else images[index.to(images.device)], boxes, spec.size, flips)
+    return crop_gather(images, boxes, flips, spec.output_hw(images.shape[2], images.shape[3]), index).float()

@@ -78,7 +78,7 @@ class BatchLoader:
         self.device = torch.device(device)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.global_batch = self.batch_size * self.world_size
-        self.images = dataset.images.to(self.device)
+        self.images = dataset.images.to(self.device).contiguous()
         self.labels = dataset.labels.to(self.device)
         self.groups = dataset.groups.to(self.device)
         self.mean = self.std = None
@@ -156,7 +156,7 @@ class BatchLoader:
             rows = slice(start + self.rank, stop, self.world_size)
             idx = order[rows].to(self.device)
             if self.crop.kind != "none":
-                x = apply_crop(self.images[idx], self.crop, offsets[rows], flips[rows]).div_(255.0)
+                x = apply_crop(self.images, self.crop, offsets[rows], flips[rows], index=idx).div_(255.0)
             else:
                 x = self.images[idx].float().div_(255.0)
                 if self.padding or self.flip:
