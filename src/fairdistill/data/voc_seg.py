@@ -202,9 +202,10 @@ def check_folder(path: Path, what: str, expected: str) -> Path:
 
 
 @DATASETS.register("voc-seg")
-def voc_seg(*, root, split="train", seed=0, sbd_root=None, trainaug=False, aug_list="trainaug.txt",
-            group_csv=None, id_column="id", group_column="group", val_fraction=0.0, cache=False,
-            cache_dir=None) -> DenseDataset:
+def voc_seg(*, root: str, split: str = "train", seed: int = 0, sbd_root: str | None = None, trainaug: bool = False,
+            aug_list: str = "trainaug.txt", group_csv: str | None = None, id_column: str = "id",
+            group_column: str = "group", val_fraction: float = 0.0, cache: bool = False,
+            cache_dir: str | None = None) -> DenseDataset:
     """Pascal VOC 2012 segmentation (see the module docstring).
 
     Options: ``sbd_root`` (SBD's ``benchmark_RELEASE/dataset`` folder: train on the official
