@@ -330,3 +330,19 @@ def test_other_option_errors():
         DenseBatchLoader([1, 2], 2)
     with pytest.raises(ConfigError, match="sampler"):
         DenseBatchLoader(seg_set(), 2, sampler="random")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("variable", [False, True])
+def test_cuda_batches_equal_cpu_batches(variable):
+    ds = seg_set(n=6, variable=variable)
+    aug = SegmentationAugment(train=True, crop_size=11, blur=True)
+    for (xc, yc, gc), (xg, yg, gg) in zip(DenseBatchLoader(ds, 3, augment=aug, seed=4).epoch(1),
+                                          DenseBatchLoader(ds, 3, augment=aug, seed=4, device="cuda").epoch(1)):
+        assert xg.is_cuda and torch.allclose(xg.cpu(), xc, atol=1e-5)
+        assert torch.equal(yg.cpu(), yc) and torch.equal(gg.cpu(), gc)
+    det = det_set(((10, 20), (8, 8)), same=False)
+    for (xc, tc, _), (xg, tg, _) in zip(DenseBatchLoader(det, 2, augment={"train": True, "size": 16}).epoch(0),
+                                        DenseBatchLoader(det, 2, augment={"train": True, "size": 16}, device="cuda").epoch(0)):
+        assert torch.allclose(xg.cpu(), xc, atol=1e-5)
+        assert all(g["boxes"].is_cuda and torch.allclose(g["boxes"].cpu(), c["boxes"]) for g, c in zip(tg, tc))
