@@ -21,7 +21,8 @@ by bilinear interpolation with ``align_corners=False``, no antialiasing and sour
 clamped to the box, i.e. per image
 ``F.interpolate(img[..., top:top+h, left:left+w], (size, size), mode="bilinear",
 align_corners=False)``, then mirrored left-right where flipped. The batched path equals that to
-float32 rounding (about 1e-5 of the value range, from grid_sample's normalised coordinates).
+float32 rounding (below 5e-5 of the value range for 256-pixel images: grid_sample's normalised
+coordinates carry about 1e-7 relative error).
 Against torchvision on PIL images (the official pipelines) it differs in two ways: (1)
 Pillow's BILINEAR resize antialiases when it shrinks (its triangle filter widens by the shrink
 factor), while here a box side longer than ``size`` is still sampled with 2 taps per axis and
@@ -243,7 +244,8 @@ def boxes_from_uniforms(u_scale: torch.Tensor, u_ratio: torch.Tensor, u_pos: tor
     ``0 < height <= h`` is kept, placed at ``top = floor(u_pos[:, 0] * (h - height + 1))`` and
     ``left = floor(u_pos[:, 1] * (w - width + 1))`` (uniform integers); an image with no such
     attempt gets :func:`fallback_box`. All attempts are computed, so the uniforms consumed do not
-    depend on the outcome.
+    depend on the outcome. (torchvision draws ``s`` and ``log r`` in float32 from its global
+    generator; here float64 from the epoch's: the same distribution, another stream.)
     """
     area = float(h) * float(w)
     target = area * (scale[0] + (scale[1] - scale[0]) * u_scale)
