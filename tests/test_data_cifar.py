@@ -313,6 +313,9 @@ def test_missing_or_corrupt_file_is_named(tmp_path):
     (folder / "test_batch").write_bytes(py2_dumps(bad_labels))
     with pytest.raises(DataError, match="test_batch: b'labels' holds .*expected a list of integer labels"):
         build_dataset("cifar10", str(tmp_path), "test")
+    (folder / "test_batch").write_bytes(py2_dumps({**bad_labels, b"labels": [0, [1, 2]]}))
+    with pytest.raises(DataError, match="test_batch: b'labels' holds a ragged list"):
+        build_dataset("cifar10", str(tmp_path), "test")
 
 
 def test_a_numpy2_resave_still_loads(tmp_path):

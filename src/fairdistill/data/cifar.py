@@ -103,7 +103,9 @@ def mfd_order(n: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(index)
 
 
-def cifar10s_groups(labels: torch.Tensor, skew: float, gray_classes: Iterable[int], seed: int, num_classes: int = 10) -> torch.Tensor:
+def cifar10s_groups(
+    labels: torch.Tensor, skew: float, gray_classes: Iterable[int], seed: int, num_classes: int = 10
+) -> torch.Tensor:
     """CIFAR-10S group of each training item (0 = gray, 1 = colour), as MFD's ``_make_skewed``.
 
     With N items, ``K = int((N * skew) // num_classes)`` (the official expression, N = 50000),
@@ -223,6 +225,20 @@ def unpickle(path: str, what: str) -> dict:
     return obj
 
 
+def _integer_labels(value, path: str, key: bytes, what: str) -> np.ndarray:
+    """``value`` (a file's label list) as a 1-D int64 array, else DataError naming the file and key."""
+    try:
+        y = np.asarray(value)
+    except (TypeError, ValueError):  # e.g. a ragged list
+        y = None
+    if y is not None and y.size == 0:
+        y = y.astype(np.int64)
+    if y is None or y.ndim != 1 or y.dtype.kind not in "iu":
+        found = f"{y.dtype} values of shape {y.shape}" if y is not None else "a ragged list"
+        raise DataError(f"{what}: {path}: {key!r} holds {found}; expected a list of integer labels")
+    return y.astype(np.int64)
+
+
 def load_batches(root: str, folder: str, files: Sequence[str], label_key: bytes, what: str, all_files: Sequence[str]):
     """Images (N, 3, 32, 32) uint8 and labels of the pickles ``files`` in ``root/folder``."""
     base = os.path.join(root, folder)
@@ -240,16 +256,14 @@ def load_batches(root: str, folder: str, files: Sequence[str], label_key: bytes,
         if b"data" not in batch or label_key not in batch:
             found = ", ".join(repr(k) for k in batch)
             raise DataError(f"{what}: {path} lacks key {b'data'!r} or {label_key!r} (found {found}); is it a CIFAR file of this data set?")
-        data, y = batch[b"data"], np.asarray(batch[label_key])
-        if y.size == 0:
-            y = y.astype(np.int64)
-        if y.ndim != 1 or y.dtype.kind not in "iu":
-            raise DataError(f"{what}: {path}: {label_key!r} holds {y.dtype} values of shape {y.shape}; expected a list of integer labels")
-        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != y.size:
+        data, y = batch[b"data"], _integer_labels(batch[label_key], path, label_key, what)
+        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.shape == (y.size, 3 * 32 * 32)):
             found = f"{data.dtype} data of shape {data.shape}" if isinstance(data, np.ndarray) else f"a {type(data).__name__}"
-            raise DataError(f"{what}: {path} holds {found} and {y.size} labels; expected uint8 data of shape (N, 3072) with N labels")
+            raise DataError(
+                f"{what}: {path} holds {found} and {y.size} labels; expected uint8 data of shape (N, 3072) with N labels"
+            )
         images.append(data.reshape(-1, 3, 32, 32))
-        labels.append(y.astype(np.int64))
+        labels.append(y)
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
