@@ -14,29 +14,31 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved  # noqa: E402
 
-from fairdistill.config import RunConfig, StageConfig, from_dict  # noqa: E402
-from fairdistill.engine import StudentStep, make_optimizer, resolve_stage, train_step  # noqa: E402
+from fairdistill.config import RunConfig, from_dict  # noqa: E402
+from fairdistill.engine.stages import make_optimizer, resolve_stages  # noqa: E402
+from fairdistill.engine.step import Precision, StageRun, StudentStep, train_step  # noqa: E402
 from fairdistill.methods.base import SetupContext  # noqa: E402
 from fairdistill.methods.objective import Objective  # noqa: E402
 from fairdistill.models import build_model  # noqa: E402
 
 
-def stepper(cfg: RunConfig, student, teacher, x, y, g, num_classes: int = 100, num_groups: int = 1):
+def stepper(cfg: RunConfig, student, teacher, x, y, g, num_classes: int = 100, num_groups: int = 1,
+            precision: Precision | None = None):
     """A zero-argument callable running one ``train_step`` of ``cfg``'s objective on (x, y, g);
     terms are set up from a dry forward of ``x``, as the trainer does."""
     objective = Objective(cfg.terms)
     with torch.no_grad():
-        ctx = SetupContext(student=student, teacher=teacher, student_features=student.forward_features(x),
-                           teacher_features=teacher.forward_features(x), sample_x=x, num_classes=num_classes,
+        ctx = SetupContext(teacher=teacher, student_features=student.forward_features(x),
+                           teacher_features=teacher.forward_features(x), num_classes=num_classes,
                            num_groups=num_groups, device=x.device)
     for term in objective.terms.values():
         term.setup(ctx)
     objective.to(x.device)
-    stage = resolve_stage(0, StageConfig(), cfg, objective)
+    stage = resolve_stages(cfg, objective)[0]
     opt = make_optimizer(list(student.parameters()) + list(objective.parameters()), cfg.optim)
-    weights = objective.current_weights(stage.active, 0, 1)
-    step = StudentStep(student, objective)
-    return lambda: train_step(step, teacher, stage, [opt], x, y, g, 0, weights)
+    run = StageRun(stage, StudentStep(student, objective), [opt], teacher, precision or Precision(x.device.type))
+    run.weights = objective.current_weights(stage.active, 0, 1)
+    return lambda: train_step(run, (x, y, g), 0)
 
 
 def main(argv=None) -> None:

@@ -21,7 +21,7 @@ from bench_kd import stepper  # noqa: E402
 from common import interleaved_rounds  # noqa: E402
 
 from fairdistill.config import RunConfig, from_dict  # noqa: E402
-from fairdistill.engine import set_bn_mode  # noqa: E402
+from fairdistill.engine.trainer import set_bn_mode  # noqa: E402
 from fairdistill.models import build_model  # noqa: E402
 
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kd import stepper  # noqa: E402
 from common import interleaved  # noqa: E402
 
-from fairdistill.config import RunConfig, StageConfig, from_dict  # noqa: E402
-from fairdistill.engine import Precision, StudentStep, make_optimizer, resolve_stage, train_step  # noqa: E402
-from fairdistill.methods.objective import Objective  # noqa: E402
+from fairdistill.config import RunConfig, from_dict  # noqa: E402
+from fairdistill.engine import Precision  # noqa: E402
 from fairdistill.models import build_model  # noqa: E402
 
 OPTIONS = {
@@ -45,18 +45,13 @@ def make_step(device: torch.device, batch: int, amp: str = "off", channels_last:
             m.forward_features = torch.compile(m.forward_features)
             m.forward = torch.compile(m.forward)
     cfg = from_dict(RunConfig, {"optim": {"name": "sgd", "lr": 0.01}, "terms": {"kd": {"type": "kd", "weight": 1.0, "T": 4.0}}})
-    objective = Objective(cfg.terms)
-    stage = resolve_stage(0, StageConfig(), cfg, objective)
-    opt = make_optimizer(list(student.parameters()), cfg.optim)
     precision = Precision(device.type, amp, channels_last)
     if amp == "fp16":
         precision.scaler = torch.amp.GradScaler(device.type)
-    step = StudentStep(student, objective)
-    weights = objective.current_weights(stage.active, 0, 1)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 100, (batch,), device=device)
     g = torch.zeros_like(y)
-    return lambda: train_step(step, teacher, stage, [opt], x, y, g, 0, weights, precision)
+    return stepper(cfg, student, teacher, x, y, g, precision=precision)
 
 
 def main(argv=None) -> None:

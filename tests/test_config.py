@@ -106,7 +106,7 @@ def test_overrides_reach_into_preset_stages_and_unstaged_terms_join_the_last_sta
 
 
 def test_every_preset_and_pairwise_combination_validates():
-    from fairdistill.methods.presets import PRESETS
+    from fairdistill.config import PRESETS
 
     for a in PRESETS:
         for b in PRESETS:

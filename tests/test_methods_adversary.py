@@ -83,8 +83,8 @@ def test_loss_is_sum_of_per_class_means():
 def _setup_term(term, num_classes=3, num_groups=2, batch=6):
     logits = torch.zeros(batch, num_classes)
     ctx = SetupContext(
-        student=None, teacher=None, student_features=Features(logits, [], logits), teacher_features=None,
-        sample_x=torch.zeros(batch, 1), num_classes=num_classes, num_groups=num_groups, device=torch.device("cpu"),
+        teacher=None, student_features=Features(logits, [], logits), teacher_features=None,
+        num_classes=num_classes, num_groups=num_groups, device=torch.device("cpu"),
     )
     term.setup(ctx)
     return term
@@ -98,7 +98,7 @@ def test_term_gradients_reversed_for_student_ordinary_for_adversary():
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     g = torch.tensor([0, 1, 1, 1, 0, 0])
     logits = torch.randn(6, 3, requires_grad=True)
-    inp = TermInput(x=None, y=y, g=g, student=Features(logits, [], logits), teacher=None, student_model=None, teacher_model=None)
+    inp = TermInput(x=None, y=y, g=g, student=Features(logits, [], logits), teacher=None)
     loss = term(inp)
     loss.backward()
 

@@ -63,7 +63,7 @@ def make_ctx(student, teacher, x, terms=None, batches=None) -> SetupContext:
         sf = student.forward_features(x)
         tf = teacher.forward_features(x) if teacher is not None else None
     return SetupContext(
-        student=student, teacher=teacher, student_features=sf, teacher_features=tf, sample_x=x,
+        teacher=teacher, student_features=sf, teacher_features=tf,
         num_classes=3, num_groups=2, device=x.device, train_batches=batches, terms=terms or {},
     )
 
@@ -74,8 +74,7 @@ def make_input(student, teacher, x, y=None, teacher_grad=False) -> TermInput:
     sf = student.forward_features(x)
     with torch.set_grad_enabled(teacher_grad):
         tf = teacher.forward_features(x)
-    return TermInput(x=x, y=y, g=torch.zeros_like(y), student=sf, teacher=tf,
-                     student_model=student, teacher_model=teacher)
+    return TermInput(x=x, y=y, g=torch.zeros_like(y), student=sf, teacher=tf)
 
 
 def grads_of(module: nn.Module) -> list:

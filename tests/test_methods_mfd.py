@@ -144,8 +144,8 @@ def _features(emb):
 
 def _ctx(student_emb, teacher_emb, num_classes=2, num_groups=2):
     return SetupContext(
-        student=None, teacher=None, student_features=_features(student_emb), teacher_features=_features(teacher_emb),
-        sample_x=torch.zeros(len(student_emb), 1), num_classes=num_classes, num_groups=num_groups,
+        teacher=None, student_features=_features(student_emb), teacher_features=_features(teacher_emb),
+        num_classes=num_classes, num_groups=num_groups,
         device=torch.device("cpu"),
     )
 
@@ -157,7 +157,7 @@ def test_term_is_half_mmd_and_detaches_teacher():
     t.requires_grad_()
     term = MFD(sigma=0.7)
     term.setup(_ctx(s.detach(), t.detach()))
-    inp = TermInput(x=None, y=y, g=g, student=_features(s), teacher=_features(t), student_model=None, teacher_model=None)
+    inp = TermInput(x=None, y=y, g=g, student=_features(s), teacher=_features(t))
     out = term(inp)
     assert torch.allclose(out, 0.5 * naive_mmd(s.detach(), t.detach(), y, g, 0.7, "rbf", 2, 2), rtol=1e-6)
     out.backward()

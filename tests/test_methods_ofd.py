@@ -12,8 +12,9 @@ from test_methods_fakes import TinyNet, grads_of, make_ctx, make_input, randomiz
 
 from fairdistill.errors import ConfigError
 from fairdistill.methods.base import TERMS
-from fairdistill.methods.connectors import Connector, _ConvBatchNorm
-from fairdistill.methods import ofd as ofd_module
+from fairdistill.methods.connector import Connector
+from fairdistill.methods import kernels
+from fairdistill.methods.kernels import ConvBatchNorm
 from fairdistill.methods.ofd import NegativeMean, bn_margin, connector_partial_l2, partial_l2
 
 torch.set_num_threads(1)
@@ -228,7 +229,7 @@ def test_connector_gradcheck_float64():
     conv, bn = conn
 
     def f(x, w, g, b):
-        return _ConvBatchNorm.apply(x, w, g, b, bn.eps)[0]
+        return ConvBatchNorm.apply(x, w, g, b, bn.eps)[0]
 
     assert torch.autograd.gradcheck(f, (x, conv.weight, bn.weight, bn.bias))
 
@@ -263,7 +264,7 @@ def test_connector_under_autocast_computes_in_float32():
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 def test_connector_partial_l2_equals_the_composition(channels_last, dtype, tol, chunk, monkeypatch):
     if chunk is not None:
-        monkeypatch.setattr(ofd_module, "CHUNK_ELEMENTS", chunk // torch.get_num_threads())
+        monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", chunk // torch.get_num_threads())
     conn, ref = reference_pair(dtype=dtype)
     gen = torch.Generator().manual_seed(9)
     x = (torch.randn(5, 5, 6, 6, generator=gen) + 1).to(dtype)

@@ -9,7 +9,7 @@ import pytest
 
 from fairdistill.config import load_config, stage_list
 from fairdistill.engine import train
-from fairdistill.methods.presets import PRESETS
+from fairdistill.config import PRESETS
 from fixtures_cifar import make_cifar100
 
 DIGITS = ["progress=false", "epochs=1", "data.batch_size=64", "threads=1"]

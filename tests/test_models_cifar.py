@@ -390,7 +390,7 @@ def test_mfd_cnn_equals_reference():
         close(a, b)
     for a, b in zip(f.extra["block"], post):
         close(a, b)
-    assert f.extra["before_fc"] is f.extra["block"][-1] and f.extra["before_fc"].shape == (2, 128, 8, 8)
+    assert f.extra["block"][-1].shape == (2, 128, 8, 8)
     assert model.stage_bns() == [None, None, None]
 
 
@@ -419,11 +419,11 @@ def test_mfd_cnn_dropout_is_random_in_train_mode_only():
     [
         ("mfd-cnn", dict(image_size=30), ["image_size=30", "multiple of 8"]),
         ("wrn", dict(depth=27), ["depth=27", "6n+4"]),
-        ("wrn", dict(widen_factor=0), ["widen_factor=0"]),
-        ("wrn", dict(dropout=1.5), ["dropout=1.5"]),
+        ("wrn", dict(widen_factor=0), ["widen_factor", "got 0"]),
+        ("wrn", dict(dropout=1.5), ["dropout", "got 1.5"]),
         ("resnet_cifar", dict(depth=21), ["depth=21", "6n+2"]),
         ("pyramidnet", dict(depth=104, bottleneck=True), ["depth=104", "9n+2"]),
-        ("pyramidnet", dict(alpha=-1), ["alpha=-1"]),
+        ("pyramidnet", dict(alpha=-1), ["alpha", "got -1"]),
     ],
 )
 def test_invalid_options_raise_config_error(name, options, words):

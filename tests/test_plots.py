@@ -13,6 +13,7 @@ from fairdistill.data import BatchLoader, build_dataset
 from fairdistill.engine import train
 from fairdistill.errors import ConfigError, FairdistillError
 from fairdistill.models import build_model
+from fairdistill.engine.checkpoint import load_weights
 from fairdistill.rundir import RunDir
 
 
@@ -41,7 +42,7 @@ def test_embeddings_are_the_models_penultimate_features(finished_run):
     assert np.array_equal(emb.labels, test.labels[keep].numpy()) and np.array_equal(emb.groups, test.groups[keep].numpy())
     # the same numbers from the checkpoint by hand
     model = build_model("mfd-cnn", 10, image_size=8)
-    model.load_state_dict(RunDir(finished_run).load_checkpoint()["model"])
+    model.load_state_dict(load_weights(RunDir(finished_run).checkpoint))
     model.eval()
     x, _, _ = next(iter(BatchLoader(test.subset(torch.from_numpy(keep)), 64, sampler="sequential").epoch(0)))
     with torch.no_grad():

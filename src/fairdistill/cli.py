@@ -1,4 +1,4 @@
-"""Command-line interface: ``fairdistill train | eval | demo | sweep | report | tsne``."""
+"""Command-line interface: ``fairdistill train | config | eval | demo | sweep | report | tsne``."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +21,17 @@ def cmd_train(args) -> int:
     f = result["final"]
     print(f"finished {cfg.name}: accuracy {_pct(f['accuracy'])}  DEO_A {_pct(f['deo_a'])}  DEO_M {_pct(f['deo_m'])}  "
           f"({result['wall_time_s']:.1f} s)")
+    return 0
+
+
+def cmd_config(args) -> int:
+    from .config import dump_yaml, load_config, needs_teacher
+
+    cfg = load_config(args.config, args.overrides)
+    sys.stdout.write(dump_yaml(cfg))
+    who = needs_teacher(cfg)
+    if who and not (cfg.teacher.run or cfg.teacher.checkpoint):
+        print(f"fairdistill: note: terms.{who[0]} needs a teacher: `train` will need teacher.run=RUN_DIR", file=sys.stderr)
     return 0
 
 
@@ -49,7 +60,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .experiments import load_spec, run_sweep
+    from .sweeps import load_spec, run_sweep
 
     spec = load_spec(args.spec, args.overrides, out=args.out, jobs=args.jobs)
     try:
@@ -63,7 +74,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .experiments import write_report
+    from .report import write_report
 
     text, files = write_report(args.dir, plot=not args.no_plot)
     print(text)
@@ -90,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=5 seed=1 out=runs/x optim.lr=0.01")
     t.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("config", help="print the resolved config (presets, bases, defaults) as YAML; exit 2 if invalid")
+    c.add_argument("config", help="YAML config file (see configs/)")
+    c.add_argument("overrides", nargs="*", help="key=value overrides, as for train")
+    c.set_defaults(func=cmd_config)
 
     e = sub.add_parser("eval", help="re-evaluate a finished run's checkpoint on its test set")
     e.add_argument("run_dir")

@@ -13,7 +13,7 @@ from pathlib import Path
 from .config import load_config
 from .engine import train
 from .errors import ConfigError
-from .experiments import RowRuns, RowSpec, mfd_table
+from .report import TableRow, mfd_table
 from .rundir import RunDir
 
 TEACHER = ("Teacher (scratch)", "teacher.yaml")
@@ -38,8 +38,7 @@ def run_or_reuse(config: Path, overrides: list[str]) -> dict:
 
 def table(rows: list[tuple[str, list[dict]]]) -> str:
     """A Markdown table: one row per method, accuracy / DEO_A / DEO_M x100 (mean ± std over seeds)."""
-    entries = [RowRuns(RowSpec(name=name, label=name, seeds=list(range(len(rs)))), rs, []) for name, rs in rows]
-    return mfd_table(entries, with_paper=False)[0]
+    return mfd_table([TableRow(name, rs) for name, rs in rows], with_paper=False)[0]
 
 
 def run_demo(out: str = "runs/demo", configs: str = "configs/digits_s", seeds: int = 1, overrides=()) -> str:

@@ -50,27 +50,19 @@ def run_embeddings(run_dir: str | Path, device: str | None = None, max_points: i
 
     ``max_points`` keeps a uniformly drawn subset (generator seeded with ``seed``).
     """
-    from .data import BatchLoader, build_dataset
-    from .engine import load_state, read_run_config, resolve_device
-    from .models import build_model
-    from .rundir import RunDir
+    from .data import BatchLoader
+    from .engine import load_run_model
 
-    run = RunDir(run_dir)
-    cfg = read_run_config(run)
-    dev = resolve_device(device or cfg.device)
-    d = cfg.data
-    test = build_dataset(d.name, root=d.root, split="test", seed=cfg.seed, **d.options)
+    run = load_run_model(run_dir, device)
+    test, model = run.test_set, run.model
     if max_points is not None:
         if max_points < 1:
             raise ConfigError(f"max_points: must be >= 1, got {max_points}")
         if max_points < len(test):
             keep = np.sort(np.random.default_rng(seed).choice(len(test), max_points, replace=False))
             test = test.subset(torch.from_numpy(keep))
-    model = build_model(cfg.model.name, test.num_classes, **cfg.model.options)
-    load_state(model, run.load_checkpoint()["model"], str(run.checkpoint))
-    model.to(dev).eval()
     feats, labels, groups = [], [], []
-    for x, y, g in BatchLoader(test, d.eval_batch_size, sampler="sequential", device=dev).epoch(0):
+    for x, y, g in BatchLoader(test, run.cfg.data.eval_batch_size, sampler="sequential", device=run.device).epoch(0):
         feats.append(model.forward_features(x).embedding.flatten(1).float().cpu())
         labels.append(y.cpu())
         groups.append(g.cpu())

@@ -1,7 +1,7 @@
 """The run directory (DESIGN.md contract 5): every file written atomically, nothing finished lost.
 
     config.yaml     the resolved configuration
-    checkpoint.pt   the last completed epoch (model, objective, optimizers, history)
+    checkpoint.pt   the last completed epoch (format: ``engine/checkpoint.py``)
     metrics.jsonl   one JSON line per completed epoch
     result.json     written once at the end: the run is finished and is never overwritten
 """
@@ -12,8 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
-
+from .config import RunConfig, from_dict, safe_load
 from .errors import RunDirError
 
 
@@ -61,27 +60,16 @@ class RunDir:
     def started(self) -> bool:
         return self.config.is_file() or self.checkpoint.is_file()
 
+    def read_config(self) -> RunConfig:
+        """The run's saved (resolved) configuration."""
+        if not self.config.is_file():
+            raise RunDirError(f"{self.path}: not a run directory (no config.yaml)")
+        return from_dict(RunConfig, safe_load(self.config.read_text()), key="")
+
     def read_result(self) -> dict:
         if not self.finished:
             raise RunDirError(f"{self.path} holds no finished run (no result.json)")
         return json.loads(self.result.read_text())
 
-    def save_checkpoint(self, state: dict) -> None:
-        atomic_write(self.checkpoint, lambda f: torch.save(state, f))
-
-    def load_checkpoint(self, map_location="cpu") -> dict:
-        """Load the checkpoint safely (``weights_only=True``: no code runs while loading)."""
-        try:
-            return torch.load(self.checkpoint, map_location=map_location, weights_only=True)
-        except FileNotFoundError:
-            raise RunDirError(f"{self.path}: no checkpoint.pt") from None
-        except Exception as e:  # a truncated or foreign file
-            raise RunDirError(f"{self.checkpoint}: cannot be read as a fairdistill checkpoint ({e})") from None
-
     def write_metrics(self, history: list[dict]) -> None:
         write_text(self.metrics, "".join(json.dumps(r, allow_nan=True) + "\n" for r in history))
-
-    def read_metrics(self) -> list[dict]:
-        if not self.metrics.is_file():
-            return []
-        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from ..errors import ConfigError
-from ..registry import check_kwargs
-from . import celeba, cifar, digits, imagefolder, utkface  # noqa: F401  (register builders)
+from ..registry import check_options
+from . import (  # noqa: F401  (register builders)
+    celeba, cifar, coco_det, digits, digits_dense, imagefolder, utkface, voc_det, voc_seg,
+)
 from .base import DATASETS, ImageDataset
 from .loader import BatchLoader
 
@@ -22,5 +24,5 @@ def build_dataset(name: str, root: str = "data", split: str = "train", seed: int
     if split not in SPLITS:
         raise ConfigError(f"{key}: split must be one of {', '.join(SPLITS)}, got {split!r}")
     builder = DATASETS.get(name, key=f"{key}.name")
-    check_kwargs(builder, options, f"{key}.options")
+    options = check_options(builder, options, f"{key}.options")
     return builder(root=root, split=split, seed=seed, **options)

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import ConfigError, DataError
+from ..errors import DataError
+from ..registry import check_number
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,8 @@ MAX_LISTED = 5
 
 
 def check_size(key: str, value) -> int:
-    """``value`` as a positive int, or a ConfigError naming ``key``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key} must be a positive integer (pixels), got {value!r}")
-    return value
+    """``value`` as a positive int (pixels, or a count), or a ConfigError naming ``key``."""
+    return check_number(value, key, integer=True, ge=1)
 
 
 def first_few(items: Sequence) -> str:

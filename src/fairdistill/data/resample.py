@@ -78,7 +78,7 @@ def apply_weights(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> to
 
 def apply_index(masks: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, fill: int) -> torch.Tensor:
     """Masks (B, H, W) gathered at rows (B, h) x cols (B, w); ``fill`` where either index is -1."""
-    h, w = rows.shape[1], cols.shape[1]
+    h, _w = rows.shape[1], cols.shape[1]
     out = masks.gather(1, rows.clamp(min=0)[:, :, None].expand(-1, -1, masks.shape[2]))
     out = out.gather(2, cols.clamp(min=0)[:, None, :].expand(-1, h, -1))
     pad = (rows < 0)[:, :, None] | (cols < 0)[:, None, :]

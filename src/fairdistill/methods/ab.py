@@ -13,20 +13,15 @@ weight 0, student + connectors trained), followed by ordinary (KD or CE) trainin
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..registry import Range
 from .base import TERMS, SetupContext, Term, TermInput
-from .connectors import (
-    POSITIONS,
-    Connector,
-    check_choice,
-    check_positions,
-    check_same_spatial,
-    paired_stages,
-    resolve_positions,
-)
+from .connector import Connector
+from .features import Position, Positions, check_same_spatial, paired_stages, resolve_positions
 
 __all__ = ["AB", "ab_loss"]
 
@@ -55,13 +50,10 @@ class AB(Term):
     Stage counts and spatial sizes of the chosen stages must match (ConfigError otherwise).
     """
 
-    def __init__(self, position: str = "prerelu", positions="all", margin: float = 1.0):
+    def __init__(self, position: Position = "prerelu", positions: Positions = "all",
+                 margin: Annotated[float, Range(gt=0)] = 1.0):
         super().__init__()
-        self.position = check_choice(position, POSITIONS, "ab.position")
-        self.positions = check_positions(positions, "ab.positions")
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin > 0:
-            raise ConfigError(f"ab.margin: expected a positive number (paper: 1.0), got {margin!r}.")
-        self.margin = float(margin)
+        self.position, self.positions, self.margin = position, positions, margin
         self.connectors = nn.ModuleList()
         self.indices: list[int] = []
         self.num_stages = 0

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import math
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..registry import Range
 from .base import TERMS, SetupContext, Term, TermInput
 
 
@@ -96,15 +99,11 @@ class Adversary(Term):
     needs_teacher = False
     needs_features = False
 
-    def __init__(self, grl_lambda: float = 2.0, hidden: int = 32, lr: float = 0.003):
+    def __init__(self, grl_lambda: Annotated[float, Range(gt=0)] = 2.0, hidden: Annotated[int, Range(ge=1)] = 32,
+                 lr: Annotated[float, Range(gt=0)] = 0.003):
         super().__init__()
-        for key, value in (("grl_lambda", grl_lambda), ("lr", lr)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ConfigError(f"adversary.{key} must be a number > 0, got {value!r}")
-        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
-            raise ConfigError(f"adversary.hidden must be an integer >= 1, got {hidden!r}")
-        self.grl_lambda, self.hidden = float(grl_lambda), hidden
-        self.optimizer = {"name": "adam", "lr": float(lr), "weight_decay": 0.0}
+        self.grl_lambda, self.hidden = grl_lambda, hidden
+        self.optimizer = {"name": "adam", "lr": lr, "weight_decay": 0.0}
         self.num_classes = 0
         self.adversaries: ClasswiseAdversaries | None = None
 

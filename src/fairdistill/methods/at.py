@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import TERMS, SetupContext, Term, TermInput
-from .connectors import POSITIONS, check_choice, check_positions, match_spatial, paired_stages, resolve_positions
+from .features import Position, Positions, match_spatial, paired_stages, resolve_positions
 
 __all__ = ["AT", "at_loss", "attention_map"]
 
@@ -46,10 +46,9 @@ class AT(Term):
     (as RepDistiller).
     """
 
-    def __init__(self, position: str = "block", positions="all"):
+    def __init__(self, position: Position = "block", positions: Positions = "all"):
         super().__init__()
-        self.position = check_choice(position, POSITIONS, "at.position")
-        self.positions = check_positions(positions, "at.positions")
+        self.position, self.positions = position, positions
         self.indices: list[int] = []
 
     def setup(self, ctx: SetupContext) -> None:

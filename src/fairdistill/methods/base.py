@@ -8,6 +8,8 @@ optimised with the student; a term that needs its own optimizer sets ``optimizer
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +17,7 @@ import torch
 from torch import nn
 
 from ..models.base import FeatureModel, Features
-from ..registry import Registry
+from ..registry import Registry, check_options
 
 TERMS: Registry = Registry("method term")
 """Term classes by type name; each is constructed from its config options as keywords."""
@@ -30,8 +32,6 @@ class TermInput:
     g: torch.Tensor
     student: Features
     teacher: Features | None
-    student_model: FeatureModel
-    teacher_model: FeatureModel | None
     epoch: int = 0
 
 
@@ -40,15 +40,14 @@ class SetupContext:
     """What a term may use once, before training, to size and initialise its modules.
 
     ``student_features`` / ``teacher_features`` come from a dry forward of one training batch
-    (``sample_x``) in eval mode, so shapes are known. ``train_batches`` yields ``(x, y, g)``
-    training batches for terms that estimate statistics from data (e.g. OFD margins without BN).
+    in eval mode, so shapes are known. ``teacher`` is the teacher model (OFD reads its BNs).
+    ``train_batches`` yields ``(x, y, g)`` training batches for terms that estimate statistics
+    from data (e.g. OFD margins without BN).
     """
 
-    student: FeatureModel
     teacher: FeatureModel | None
     student_features: Features
     teacher_features: Features | None
-    sample_x: torch.Tensor
     num_classes: int
     num_groups: int
     device: torch.device
@@ -61,17 +60,39 @@ class Term(nn.Module):
 
     Class attributes say what the trainer must provide:
     ``needs_teacher`` (a teacher model must be configured), ``needs_features`` (call
-    ``forward_features`` rather than ``forward``), ``teacher_grad`` (run the teacher with
-    autograd, e.g. for input Jacobians), ``input_grad`` (the input needs ``requires_grad``).
+    ``forward_features`` rather than ``forward``; without it, reading anything but ``logits``
+    raises), ``teacher_grad`` (run the teacher with autograd, e.g. for input Jacobians),
+    ``input_grad`` (the input needs ``requires_grad``), ``autocast`` (False: the objective runs
+    the term with mixed precision off, its inputs in float32).
     ``optimizer`` is None to train the term's parameters with the student's optimizer, or an
     optimizer spec (same keys as the config's ``optim`` section) for a separate one.
+
+    A subclass's ``__init__`` options are checked by their annotations (``Literal`` choices,
+    ``Annotated[float, Range(gt=0)]`` bounds, ...) before it runs, whether the term is built
+    from a config or in Python: errors name ``<type>.<option>``.
     """
 
     needs_teacher: bool = True
     needs_features: bool = True
     teacher_grad: bool = False
     input_grad: bool = False
+    autocast: bool = True
     optimizer: dict | None = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def checked_init(self, *args, **options):
+            bound = signature.bind(self, *args, **options).arguments
+            bound.pop(next(iter(signature.parameters)))  # self
+            init(self, **check_options(init, dict(bound), getattr(type(self), "type_name", type(self).__name__)))
+
+        cls.__init__ = checked_init
 
     def setup(self, ctx: SetupContext) -> None:
         """Build modules whose sizes depend on the models; called once before training."""

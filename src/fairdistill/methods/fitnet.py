@@ -7,12 +7,14 @@ RepDistiller's ``HintLoss`` is MSE without the 1/2, so its beta = 100 is weight 
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
 from ..errors import ConfigError
 from .base import TERMS, SetupContext, Term, TermInput
-from .connectors import POSITIONS, check_choice, paired_stages
+from .features import Position, paired_stages
 
 __all__ = ["FitNetHint", "hint_loss", "hint_regressor"]
 
@@ -68,13 +70,10 @@ class FitNetHint(Term):
     FitNets' stage 1 is this term alone (CE weight 0); the regressor trains with the student.
     """
 
-    def __init__(self, feature: str = "stage", position: str = "block", position_index: int | None = None):
+    def __init__(self, feature: Literal["stage", "embedding"] = "stage", position: Position = "block",
+                 position_index: int | None = None):
         super().__init__()
-        self.feature = check_choice(feature, ("stage", "embedding"), "fitnet-hint.feature")
-        self.position = check_choice(position, POSITIONS, "fitnet-hint.position")
-        if position_index is not None and (isinstance(position_index, bool) or not isinstance(position_index, int)):
-            raise ConfigError(f"fitnet-hint.position_index: expected an integer or null, got {position_index!r}.")
-        self.position_index = position_index
+        self.feature, self.position, self.position_index = feature, position, position_index
         self.index = 0
         self.regressor: nn.Module = nn.Identity()
 

@@ -8,13 +8,16 @@ over elements as in the official code (``nn.L1Loss``); config weight beta = 500.
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..registry import Range
 from .base import TERMS, SetupContext, Term, TermInput
-from .connectors import POSITIONS, check_choice, match_spatial, stage_features
+from .features import Position, match_spatial, stage_features
 
 __all__ = ["FT", "FTParaphraser", "Paraphraser", "Translator", "factor", "factor_channels", "factor_loss"]
 
@@ -72,12 +75,6 @@ class Translator(nn.Sequential):
         super().__init__(*_conv_block(c, c), *_conv_block(c, k), *_conv_block(k, k))
 
 
-def _check_rate(rate) -> float:
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate:
-        raise ConfigError(f"ft-paraphraser.rate: expected a positive number (paper: 0.5), got {rate!r}.")
-    return float(rate)
-
-
 @TERMS.register("ft-paraphraser")
 class FTParaphraser(Term):
     """FT stage 1: mean |P(F_t) - F_t| for the teacher's last-stage feature F_t (official
@@ -89,10 +86,9 @@ class FTParaphraser(Term):
       position: "block" (default, the last group output as the official code) or "prerelu".
     """
 
-    def __init__(self, rate: float = 0.5, position: str = "block"):
+    def __init__(self, rate: Annotated[float, Range(gt=0)] = 0.5, position: Position = "block"):
         super().__init__()
-        self.rate = _check_rate(rate)
-        self.position = check_choice(position, POSITIONS, "ft-paraphraser.position")
+        self.rate, self.position = rate, position
         self.paraphraser: Paraphraser | None = None
 
     def teacher_feature(self, features) -> torch.Tensor:
@@ -121,8 +117,6 @@ class FT(Term):
 
     def __init__(self, paraphraser: str | None = None):
         super().__init__()
-        if paraphraser is not None and not isinstance(paraphraser, str):
-            raise ConfigError(f"ft.paraphraser: expected the name of an ft-paraphraser term, got {paraphraser!r}.")
         self.paraphraser_name = paraphraser
         self.translator: Translator | None = None
         self._source: tuple[FTParaphraser, ...] = ()

@@ -1,10 +1,12 @@
 """Hinton knowledge distillation (HKD): "Distilling the Knowledge in a Neural Network", 2015."""
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from ..registry import Range
 from .base import TERMS, Term, TermInput
 
 
@@ -29,11 +31,9 @@ class KD(Term):
 
     needs_features = False
 
-    def __init__(self, T: float = 4.0):
+    def __init__(self, T: Annotated[float, Range(gt=0)] = 4.0):
         super().__init__()
-        if not T > 0:
-            raise ConfigError(f"kd.T: temperature must be > 0, got {T}")
-        self.T = float(T)
+        self.T = T
 
     def forward(self, inp: TermInput) -> torch.Tensor:
         return kd_loss(inp.student.logits, inp.teacher.logits, self.T)

@@ -13,10 +13,13 @@ not grow with the number of cells in Python.
 """
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..registry import Range
 from .base import TERMS, SetupContext, Term, TermInput
 
 KERNELS = ("rbf", "poly")
@@ -77,28 +80,29 @@ def mmd_loss(
 
     ``num_classes`` / ``num_groups`` default to ``max + 1`` of ``labels`` / ``groups``.
     Unweighted: the MFD objective is ``lambda / 2`` times this (reference ``mfd.md`` §1.3).
+    Half-precision features are computed in float32; under autocast, call it with autocast off
+    (the MFD term declares ``autocast = False``, so the objective does).
     """
-    with torch.autocast(device_type=student_feat.device.type, enabled=False):
-        k_tt, k_ss, k_ts = kernel_matrices(student_feat, teacher_feat, sigma, kernel)
-        labels, groups = labels.reshape(-1).long(), groups.reshape(-1).long()
-        if labels.numel() != k_ss.shape[0] or groups.numel() != k_ss.shape[0]:
-            raise ValueError(
-                f"{k_ss.shape[0]} feature rows but {labels.numel()} labels and {groups.numel()} groups"
-            )
-        n_cls = int(num_classes) if num_classes is not None else int(labels.max()) + 1
-        n_grp = int(num_groups) if num_groups is not None else int(groups.max()) + 1
-        member_s = F.one_hot(labels * n_grp + groups, n_cls * n_grp).to(k_ss.dtype)  # B x CG
-        member_t = F.one_hot(labels, n_cls).to(k_ss.dtype)  # B x C
-        member_t_cell = member_t.repeat_interleave(n_grp, dim=1)  # column c*G+g = class c
-        n_s = member_s.sum(0)
-        n_t = member_t_cell.sum(0)
-        sum_ss = ((k_ss @ member_s) * member_s).sum(0)
-        sum_tt = ((k_tt @ member_t) * member_t).sum(0).repeat_interleave(n_grp)
-        sum_ts = ((k_ts @ member_s) * member_t_cell).sum(0)
-        present = n_s > 0
-        n_s, n_t = n_s.clamp_min(1), n_t.clamp_min(1)
-        per_cell = sum_tt / n_t**2 + sum_ss / n_s**2 - 2 * sum_ts / (n_t * n_s)
-        return torch.where(present, per_cell, torch.zeros_like(per_cell)).sum()
+    k_tt, k_ss, k_ts = kernel_matrices(student_feat, teacher_feat, sigma, kernel)
+    labels, groups = labels.reshape(-1).long(), groups.reshape(-1).long()
+    if labels.numel() != k_ss.shape[0] or groups.numel() != k_ss.shape[0]:
+        raise ValueError(
+            f"{k_ss.shape[0]} feature rows but {labels.numel()} labels and {groups.numel()} groups"
+        )
+    n_cls = int(num_classes) if num_classes is not None else int(labels.max()) + 1
+    n_grp = int(num_groups) if num_groups is not None else int(groups.max()) + 1
+    member_s = F.one_hot(labels * n_grp + groups, n_cls * n_grp).to(k_ss.dtype)  # B x CG
+    member_t = F.one_hot(labels, n_cls).to(k_ss.dtype)  # B x C
+    member_t_cell = member_t.repeat_interleave(n_grp, dim=1)  # column c*G+g = class c
+    n_s = member_s.sum(0)
+    n_t = member_t_cell.sum(0)
+    sum_ss = ((k_ss @ member_s) * member_s).sum(0)
+    sum_tt = ((k_tt @ member_t) * member_t).sum(0).repeat_interleave(n_grp)
+    sum_ts = ((k_ts @ member_s) * member_t_cell).sum(0)
+    present = n_s > 0
+    n_s, n_t = n_s.clamp_min(1), n_t.clamp_min(1)
+    per_cell = sum_tt / n_t**2 + sum_ss / n_s**2 - 2 * sum_ts / (n_t * n_s)
+    return torch.where(present, per_cell, torch.zeros_like(per_cell)).sum()
 
 
 def joint_mmd_loss(
@@ -106,9 +110,8 @@ def joint_mmd_loss(
 ) -> torch.Tensor:
     """One biased MMD^2 between all teacher and all student features of the batch, without
     conditioning on class or group (the official ``--jointfeature`` ablation)."""
-    with torch.autocast(device_type=student_feat.device.type, enabled=False):
-        k_tt, k_ss, k_ts = kernel_matrices(student_feat, teacher_feat, sigma, kernel)
-        return k_tt.mean() + k_ss.mean() - 2 * k_ts.mean()
+    k_tt, k_ss, k_ts = kernel_matrices(student_feat, teacher_feat, sigma, kernel)
+    return k_tt.mean() + k_ss.mean() - 2 * k_ts.mean()
 
 
 @TERMS.register("mfd")
@@ -131,16 +134,12 @@ class MFD(Term):
 
     needs_teacher = True
     needs_features = True
+    autocast = False  # kernel matrices and their exponentials in float32
 
-    def __init__(self, sigma: float = 1.0, kernel: str = "rbf", joint: bool = False):
+    def __init__(self, sigma: Annotated[float, Range(gt=0)] = 1.0, kernel: Literal["rbf", "poly"] = "rbf",
+                 joint: bool = False):
         super().__init__()
-        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
-            raise ConfigError(f"mfd.sigma must be a number > 0, got {sigma!r}")
-        if kernel not in KERNELS:
-            raise ConfigError(f"mfd.kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
-        if not isinstance(joint, bool):
-            raise ConfigError(f"mfd.joint must be true or false, got {joint!r}")
-        self.sigma, self.kernel, self.joint = float(sigma), kernel, joint
+        self.sigma, self.kernel, self.joint = sigma, kernel, joint
         self.num_classes: int | None = None
         self.num_groups: int | None = None
 

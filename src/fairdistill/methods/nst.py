@@ -40,7 +40,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .base import TERMS, SetupContext, Term, TermInput
-from .connectors import POSITIONS, check_choice, check_positions, match_spatial, paired_stages, resolve_positions
+from .features import Position, Positions, match_spatial, paired_stages, resolve_positions
 
 __all__ = ["NST", "nst_form", "nst_loss"]
 
@@ -181,11 +181,10 @@ class NST(Term):
     Where spatial sizes differ, the larger map is adaptive-average-pooled to the smaller.
     """
 
-    def __init__(self, feature: str = "stage", position: str = "block", positions="last"):
+    def __init__(self, feature: Literal["stage", "embedding"] = "stage", position: Position = "block",
+                 positions: Positions = "last"):
         super().__init__()
-        self.feature = check_choice(feature, ("stage", "embedding"), "nst.feature")
-        self.position = check_choice(position, POSITIONS, "nst.position")
-        self.positions = check_positions(positions, "nst.positions")
+        self.feature, self.position, self.positions = feature, position, positions
         self.indices: list[int] = []
 
     def _pairs(self, student, teacher) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -1,32 +1,32 @@
-"""The training objective: CE plus weighted method terms (DESIGN.md data flow)."""
+"""The training objective: the task loss plus weighted method terms (DESIGN.md data flow)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
-from ..registry import check_kwargs
+from ..errors import ConfigError, TrainingError
+from ..models.base import FeatureNotComputed
 from .base import TERMS, Term, TermInput
 
 RESERVED = ("type", "weight", "weight_end")
+"""Keys of a term's config that are not options of the term class."""
 
 
 def build_terms(specs: dict[str, dict]) -> tuple[nn.ModuleDict, dict[str, tuple[float, float | None]]]:
-    """Instantiate the configured terms; returns the modules and each term's (weight, weight_end)."""
+    """Instantiate the configured terms; returns the modules and each term's (weight, weight_end).
+
+    The specs are those of a validated config (:func:`fairdistill.config.validate`), which has
+    checked every option by the term class's annotations.
+    """
     terms, weights = nn.ModuleDict(), {}
     for name, spec in specs.items():
         cls = TERMS.get(spec.get("type", name), key=f"terms.{name}.type")
-        options = {k: v for k, v in spec.items() if k not in RESERVED}
-        check_kwargs(cls.__init__, options, f"terms.{name}")
         try:
-            terms[name] = cls(**options)
+            terms[name] = cls(**{k: v for k, v in spec.items() if k not in RESERVED})
         except TypeError as e:
             raise ConfigError(f"terms.{name}: {e}") from None
         w, w_end = spec.get("weight", 1.0), spec.get("weight_end")
-        for k, v in (("weight", w), ("weight_end", w_end)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                raise ConfigError(f"terms.{name}.{k}: expected a number, got {v!r}")
         weights[name] = (float(w), None if w_end is None else float(w_end))
     return terms, weights
 
@@ -54,6 +54,18 @@ class Objective(nn.Module):
     def current_weights(self, active: list[str], epoch: int, epochs: int) -> dict[str, float]:
         return {n: annealed(*self.weights[n], epoch, epochs) for n in active}
 
+    def run_term(self, name: str, inp: TermInput) -> torch.Tensor:
+        """The unweighted value of term ``name``; a term with ``autocast = False`` runs with
+        mixed precision off."""
+        term = self.terms[name]
+        try:
+            if term.autocast or not torch.is_autocast_enabled(inp.y.device.type):
+                return term(inp)
+            with torch.autocast(inp.y.device.type, enabled=False):
+                return term(inp)
+        except FeatureNotComputed as e:
+            raise TrainingError(f"terms.{name} ({type(term).__name__}): {e}") from None
+
     def forward(self, inp: TermInput, active: list[str], ce_weight: float, weights: dict[str, float]):
         """Returns (total loss, {part name: unweighted detached value})."""
         parts: dict[str, torch.Tensor] = {}
@@ -63,7 +75,7 @@ class Objective(nn.Module):
             parts["ce"] = ce.detach()
             total = total + ce_weight * ce
         for name in active:
-            value = self.terms[name](inp)
+            value = self.run_term(name, inp)
             parts[name] = value.detach()
             if weights[name]:
                 total = total + weights[name] * value

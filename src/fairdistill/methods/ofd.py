@@ -1,7 +1,7 @@
 """OFD: "A Comprehensive Overhaul of Feature Distillation" (Heo et al., ICCV 2019).
 
 Teacher transform: margin ReLU max(F_t, m) with a per-channel margin m (supplement Eq. 1-4);
-student transform: :class:`~.connectors.Connector`; distance: partial L2 (§3.4); positions: the
+student transform: :class:`~.connector.Connector`; distance: partial L2 (§3.4); positions: the
 pre-ReLU end of every stage, layer i divided by 2^(N-1-i), summed and divided by the batch size
 (supplement B, official ``Distiller.forward``). The config weight is alpha (1e-3 CIFAR, 1e-4
 ImageNet). The official recipe runs the teacher's BN in train mode: its preset wants
@@ -11,28 +11,17 @@ connector and the distance in one pass with the same value and gradients as the 
 from __future__ import annotations
 
 import math
+from typing import Annotated, Literal
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..registry import Range
 from .base import TERMS, SetupContext, Term, TermInput
-from .connectors import (
-    Connector,
-    centre_into,
-    channel_rows,
-    check_choice,
-    check_positions,
-    check_same_spatial,
-    empty_map,
-    fold_batch_norm,
-    fold_batch_norm_grads,
-    is_channels_last,
-    paired_stages,
-    product_into,
-    resolve_positions,
-    update_running_stats,
-)
+from .connector import Connector
+from .features import Positions, check_same_spatial, paired_stages, resolve_positions
+from .kernels import ConnectorPartialL2, PartialL2, update_running_stats
 
 __all__ = ["OFD", "NegativeMean", "bn_margin", "connector_partial_l2", "partial_l2"]
 
@@ -63,42 +52,6 @@ def bn_margin(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return m.to(weight.device, weight.dtype)
 
 
-def _memory_order(t: torch.Tensor) -> torch.Tensor:
-    """The elements of ``t`` as one vector in storage order (a view when ``t`` is dense)."""
-    order = sorted(range(t.dim()), key=lambda i: -t.stride(i))
-    return t.permute(order).reshape(-1)
-
-
-class _PartialL2(torch.autograd.Function):
-    """partial_l2 with a one-tensor backward: the kept difference d (zero elsewhere) is saved
-    and dL/dS = 2 d. The teacher side is a constant (no gradient to target or margin)."""
-
-    @staticmethod
-    def forward(ctx, source, target, margin):
-        ctx.source_dtype = source.dtype
-        with torch.autocast(source.device.type, enabled=False):
-            dtype = torch.promote_types(source.dtype, torch.float32)
-            s, f = source.to(dtype), target.to(dtype)
-            t = torch.empty_like(s)
-            torch.maximum(f, margin.reshape(1, -1, *([1] * (s.dim() - 2))).to(dtype), out=t)
-            d = s - t
-            # Kept: S > T or F_t > 0, i.e. max(S - T, F_t) > 0; reuse t's memory for the mask.
-            keep = torch.maximum(d, f, out=t).gt_(0)
-            d.mul_(keep)
-            del t, keep
-            flat = _memory_order(d)
-            # Per-sample sums of squares keep float32 rounding small on long vectors.
-            loss = torch.linalg.vector_norm(flat.view(source.shape[0], -1), dim=1).square().sum()
-        ctx.save_for_backward(d)
-        return loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        (d,) = ctx.saved_tensors
-        return (d * (2 * grad)).to(ctx.source_dtype), None, None
-
-
 def partial_l2(source: torch.Tensor, target: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
     """Partial L2 distance between S = r(F_s) and the margin-ReLU teacher (§3.4, Eq. 5-6).
 
@@ -117,87 +70,7 @@ def partial_l2(source: torch.Tensor, target: torch.Tensor, margin: torch.Tensor)
         )
     if source.numel() == 0:
         return source.sum(dtype=torch.promote_types(source.dtype, torch.float32))
-    return _PartialL2.apply(source, target.detach(), margin.detach())
-
-
-CHUNK_ELEMENTS = 1 << 18
-"""Teacher-feature elements per chunk of samples and per thread in :class:`_ConnectorPartialL2`
-on the CPU (1 MB in float32, about a core's L2 cache): the passes over one chunk run in cache."""
-
-
-class _ConnectorPartialL2(torch.autograd.Function):
-    """partial_l2(Connector(x), target, margin) with the connector BN in training mode, without
-    a tensor for the connector output (see the notes in connectors.py for the folded BN).
-
-    For each chunk of samples, T = max(F_t, m) is written into a buffer that the folded product
-    turns into S - T in place; the elements with S <= T and F_t <= 0 are zeroed, which leaves d
-    with loss sum(d^2) and dL/dS = 2 d. The loss is a scalar, so its gradients are those for
-    dL = 1 times the incoming scalar: they are accumulated here, chunk by chunk while d is in
-    cache, and only they are kept for backward, which scales them in place (so one backward per
-    forward; first-order gradients). Returns (loss, batch mean and biased batch variance of the
-    conv output).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, gamma, beta, target, margin, eps):
-        with torch.autocast(x.device.type, enabled=False):
-            cl = is_channels_last(x)
-            cout, cin = weight.shape[:2]
-            w = weight.reshape(cout, cin)
-            n = x.shape[0]
-            x_aug = empty_map(n, cin + 1, x, cl, w.dtype)
-            mean = centre_into(x, x_aug)
-            x_rows = channel_rows(x_aug, cl)
-            folded, w_cov, inv_std, a, var = fold_batch_norm(w, x_rows[:, :cin], gamma, beta, eps)
-            need_params, need_x = any(ctx.needs_input_grad[1:4]), ctx.needs_input_grad[0]
-            per_chunk = n
-            if x.device.type == "cpu":
-                per_chunk = max(1, min(n, CHUNK_ELEMENTS * torch.get_num_threads() // target[0].numel()))
-            d_buf, keep_buf = empty_map(per_chunk, cout, x, cl, w.dtype), empty_map(per_chunk, cout, x, cl, w.dtype)
-            m = margin.reshape(1, -1, 1, 1)
-            sq_norms, p_parts = [], []
-            dx = empty_map(n, cin, x, cl, w.dtype) if need_x else None
-            twice_at = folded[:, :cin].T * 2
-            for lo in range(0, n, per_chunk):
-                hi = min(n, lo + per_chunk)
-                d, f, xc = d_buf[: hi - lo], target[lo:hi], channel_rows(x_aug[lo:hi], cl)
-                torch.maximum(f, m, out=d)
-                d_rows = channel_rows(d, cl)
-                d_rows.baddbmm_(folded.expand(d_rows.shape[0], -1, -1), xc, beta=-1)
-                # Kept where S - T > 0 or F_t > 0, i.e. max(S - T, F_t) > 0 (float masks are the fast ones).
-                d.mul_(torch.maximum(d, f, out=keep_buf[: hi - lo]).gt_(0))
-                sq_norms.append(torch.linalg.vector_norm(d_rows, dim=2).square().sum())
-                if need_params or need_x:
-                    p_parts.append(torch.matmul(xc, d_rows.transpose(1, 2)).sum(0))  # this order is faster
-                if need_x:
-                    product_into(dx[lo:hi], twice_at, d_rows, cl)
-            del d_buf, keep_buf
-            loss = torch.stack(sq_norms).sum()
-            grads = [None] * 4
-            if need_params or need_x:
-                p_aug = torch.stack(p_parts).sum(0).T.mul_(2)
-                dw, dgamma, dbeta, qc = fold_batch_norm_grads(
-                    w, w_cov, inv_std, a, folded, p_aug, x_rows.shape[0] * x_rows.shape[2])
-                grads[1:] = dw.view(cout, cin, 1, 1), dgamma, dbeta
-                if need_x:
-                    grads[0] = product_into(dx, qc, x_rows, cl, accumulate=True)
-        ctx.x_dtype, ctx.spent = x.dtype, False
-        ctx.save_for_backward(*grads)
-        mean_z = w @ mean
-        ctx.mark_non_differentiable(mean_z, var)
-        return loss, mean_z, var
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad, _grad_mean, _grad_var):
-        if ctx.spent:
-            raise RuntimeError("connector_partial_l2: its gradients were already used by an earlier backward "
-                               "(they are scaled in place); recompute the loss instead of retaining the graph.")
-        ctx.spent = True
-        grads = [None if g is None else g.mul_(grad.to(g.dtype)) for g in ctx.saved_tensors]
-        if grads[0] is not None:
-            grads[0] = grads[0].to(ctx.x_dtype)
-        return (*grads, None, None, None)
+    return PartialL2.apply(source, target.detach(), margin.detach())
 
 
 def connector_partial_l2(connector: Connector, source: torch.Tensor, target: torch.Tensor,
@@ -213,7 +86,7 @@ def connector_partial_l2(connector: Connector, source: torch.Tensor, target: tor
     )
     if not fusable:
         return partial_l2(connector(source), target, margin)
-    loss, mean, var = _ConnectorPartialL2.apply(
+    loss, mean, var = ConnectorPartialL2.apply(
         source, conv.weight, bn.weight, bn.bias, target.detach(), margin.detach(), bn.eps)
     update_running_stats(bn, mean, var, source.numel() // source.shape[1])
     return loss
@@ -270,15 +143,10 @@ class OFD(Term):
     chosen positions (ConfigError otherwise).
     """
 
-    def __init__(self, positions="all", margin: str = "bn", estimate_batches: int | None = None):
+    def __init__(self, positions: Positions = "all", margin: Literal["bn", "estimate"] = "bn",
+                 estimate_batches: Annotated[int, Range(ge=1)] | None = None):
         super().__init__()
-        self.positions = check_positions(positions, "ofd.positions")
-        self.margin = check_choice(margin, ("bn", "estimate"), "ofd.margin")
-        if estimate_batches is not None and (
-            isinstance(estimate_batches, bool) or not isinstance(estimate_batches, int) or estimate_batches < 1
-        ):
-            raise ConfigError(f"ofd.estimate_batches: expected a positive integer or null, got {estimate_batches!r}.")
-        self.estimate_batches = estimate_batches
+        self.positions, self.margin, self.estimate_batches = positions, margin, estimate_batches
         self.connectors = nn.ModuleList()
         self.indices: list[int] = []
         self.num_stages = 0

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..registry import check_kwargs
-from . import cifar_cnn, mobilenet, pyramidnet, resnet_cifar, resnet_imagenet, shufflenet, wrn  # noqa: F401
-from .base import MODELS, FeatureModel, Features, count_parameters
+from ..registry import check_options
+from . import (  # noqa: F401  (register the zoo)
+    cifar_cnn, deeplab, mobilenet, mobilenetv2, pyramidnet, resnet_cifar, resnet_imagenet, shufflenet, ssd, wrn,
+)
+from .base import MODELS, FeatureModel, FeatureNotComputed, Features, OutputsOnly, count_parameters
 from .hooks import HookedModel
 
-__all__ = ["MODELS", "FeatureModel", "Features", "HookedModel", "build_model", "count_parameters"]
+__all__ = ["MODELS", "FeatureModel", "FeatureNotComputed", "Features", "HookedModel", "OutputsOnly", "build_model",
+           "count_parameters"]
 
 
 def build_model(name: str, num_classes: int, key: str = "model", **options) -> FeatureModel:
@@ -17,7 +20,8 @@ def build_model(name: str, num_classes: int, key: str = "model", **options) -> F
     Unknown names or options raise a ConfigError naming ``key``.
     """
     builder = MODELS.get(name, key=f"{key}.name")
-    check_kwargs(builder, options, f"{key}.options")
+    options = check_options(builder, options, f"{key}.options",
+                            reserved={"num_classes": "nothing: the data set fixes the number of classes"})
     model = builder(num_classes=num_classes, **options)
     assert isinstance(model, nn.Module)
     return model

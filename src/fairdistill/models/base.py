@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..errors import FairdistillError
 from ..registry import Registry
 
 MODELS: Registry = Registry("model")
@@ -16,16 +18,43 @@ MODELS: Registry = Registry("model")
 class Features:
     """What one forward pass exposes to distillation terms.
 
-    logits:    (B, num_classes), identical to ``model(x)``.
+    logits:    the model's output, identical to ``model(x)``: (B, num_classes) for
+               classification, (B, num_classes, H, W) for segmentation, (loc, conf) for detection.
     stages:    the pre-ReLU feature at the end of each stage, shallow to deep (OFD positions).
     embedding: the penultimate representation, shape (B, ...); methods flatten it as needed.
     extra:     model-specific named tensors (e.g. ``"block"`` post-activation stage outputs).
     """
 
-    logits: torch.Tensor
+    logits: Any
     stages: list[torch.Tensor]
     embedding: torch.Tensor
     extra: dict[str, list[torch.Tensor] | torch.Tensor] = field(default_factory=dict)
+
+
+class FeatureNotComputed(FairdistillError):
+    """A term read a feature that the forward pass did not compute (see :class:`OutputsOnly`)."""
+
+
+class OutputsOnly:
+    """The features of a plain ``model(x)`` call: only ``logits`` exists.
+
+    The trainer hands this to the terms of a stage in which no term sets ``needs_features``;
+    reading ``stages``, ``embedding`` or ``extra`` raises :class:`FeatureNotComputed` instead of
+    silently handing over the wrong tensor.
+    """
+
+    __slots__ = ("logits",)
+
+    def __init__(self, logits):
+        self.logits = logits
+
+    def _missing(self, name: str):
+        raise FeatureNotComputed(f"Features.{name} was read, but only the model's outputs were computed: "
+                                 "the term must set needs_features = True")
+
+    stages = property(lambda self: self._missing("stages"))
+    embedding = property(lambda self: self._missing("embedding"))
+    extra = property(lambda self: self._missing("extra"))
 
 
 class FeatureModel(nn.Module):

@@ -6,8 +6,7 @@ PyTorch's default initialisation). Module names follow MFD's code (``conv1..conv
 
 Features: stages = pre-ReLU outputs of conv2, conv4, conv6 (no BN precedes these ReLUs, so
 ``stage_bns`` is [None] * 3); embedding = ReLU(fc1), the 256-d feature MFD distils;
-extra["before_fc"] = ReLU(conv6), the map MFD's AT baseline uses; extra["block"] = ReLU of
-conv2, conv4, conv6.
+extra["block"] = ReLU of conv2, conv4, conv6.
 """
 from __future__ import annotations
 
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..registry import check_number
 from .base import MODELS, FeatureModel, Features
 
 
@@ -52,18 +52,16 @@ class MFDCNN(FeatureModel):
             logits=self.last(embedding),
             stages=stages,
             embedding=embedding,
-            extra={"block": block, "before_fc": block[-1]},
+            extra={"block": block},
         )
 
 
 @MODELS.register("mfd-cnn")
 def mfd_cnn(num_classes: int, image_size: int = 32, in_channels: int = 3, dropout: float = 0.25) -> MFDCNN:
     """MFD's CIFAR-10S CNN; ``dropout`` is the rate after each block (0.25 in MFD's code)."""
-    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
-        raise ConfigError(f"mfd-cnn: option dropout={dropout!r} is invalid; expected a number in [0, 1).")
+    dropout = check_number(dropout, "mfd-cnn.dropout", ge=0, lt=1)
     for name, v in (("image_size", image_size), ("in_channels", in_channels), ("num_classes", num_classes)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ConfigError(f"mfd-cnn: {name}={v!r} is invalid; expected an integer >= 1.")
+        check_number(v, f"mfd-cnn.{name}", integer=True, ge=1)
     if image_size % 8:
         raise ConfigError(
             f"mfd-cnn: option image_size={image_size} is invalid; expected a multiple of 8 "

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..registry import check_number
 from .base import MODELS, FeatureModel, Features, kaiming_init
 
 
@@ -169,10 +170,10 @@ def pyramidnet(
 ) -> PyramidNet:
     """PyramidNet-depth (9n+2 with bottleneck blocks, 6n+2 with basic ones), widening ``alpha``."""
     for name, v, low in (("depth", depth, 8), ("in_channels", in_channels, 1), ("num_classes", num_classes, 1)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < low:
-            raise ConfigError(f"pyramidnet: {name}={v!r} is invalid; expected an integer >= {low}.")
+        check_number(v, f"pyramidnet.{name}", integer=True, ge=low)
     if not isinstance(bottleneck, bool):
-        raise ConfigError(f"pyramidnet: option bottleneck={bottleneck!r} is invalid; expected true or false.")
+        raise ConfigError(f"pyramidnet.bottleneck: expected true or false, got {bottleneck!r}")
+    alpha = check_number(alpha, "pyramidnet.alpha", ge=0)
     step = 9 if bottleneck else 6
     if (depth - 2) % step:
         kind = "bottleneck" if bottleneck else "basic"
@@ -180,9 +181,7 @@ def pyramidnet(
             f"pyramidnet: option depth={depth} is invalid for {kind} blocks; expected {step}n+2 "
             f"(e.g. {'164, 200, 272' if bottleneck else '110, 164, 200'})."
         )
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 0:
-        raise ConfigError(f"pyramidnet: option alpha={alpha!r} is invalid; expected a number >= 0.")
-    return PyramidNet(depth, float(alpha), num_classes, bottleneck, in_channels)
+    return PyramidNet(depth, alpha, num_classes, bottleneck, in_channels)
 
 
 @MODELS.register("pyramidnet-110-84")

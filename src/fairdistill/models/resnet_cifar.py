@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..registry import check_number
 from .base import MODELS, FeatureModel, Features, kaiming_init
 
 
@@ -86,8 +87,7 @@ class CifarResNet(FeatureModel):
 def resnet_cifar(num_classes: int, depth: int = 56, in_channels: int = 3) -> CifarResNet:
     """CIFAR ResNet of ``depth`` = 6n+2 (20, 32, 44, 56, 110, ...)."""
     for name, v, low in (("depth", depth, 8), ("in_channels", in_channels, 1), ("num_classes", num_classes, 1)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < low:
-            raise ConfigError(f"resnet_cifar: {name}={v!r} is invalid; expected an integer >= {low}.")
+        check_number(v, f"resnet_cifar.{name}", integer=True, ge=low)
     if (depth - 2) % 6:
         raise ConfigError(f"resnet_cifar: option depth={depth} is invalid; expected 6n+2 (20, 32, 44, 56, 110).")
     return CifarResNet(depth, num_classes, in_channels)

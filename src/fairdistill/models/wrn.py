@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..registry import check_number
 from .base import MODELS, FeatureModel, Features, kaiming_init
 
 
@@ -114,18 +115,13 @@ class WideResNet(FeatureModel):
 
 
 def _check(depth, widen_factor, dropout, in_channels, num_classes) -> None:
-    def is_int(v):
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    if not is_int(depth) or depth < 10 or (depth - 4) % 6:
+    check_number(depth, "wrn.depth", integer=True, ge=10)
+    if (depth - 4) % 6:
         raise ConfigError(f"wrn: option depth={depth!r} is invalid; expected 6n+4 with n >= 1 (10, 16, 22, 28, 40).")
-    if not is_int(widen_factor) or widen_factor < 1:
-        raise ConfigError(f"wrn: option widen_factor={widen_factor!r} is invalid; expected an integer >= 1.")
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ConfigError(f"wrn: option dropout={dropout!r} is invalid; expected a probability in [0, 1).")
+    check_number(widen_factor, "wrn.widen_factor", integer=True, ge=1)
+    check_number(dropout, "wrn.dropout", ge=0, lt=1)
     for name, v in (("in_channels", in_channels), ("num_classes", num_classes)):
-        if not is_int(v) or v < 1:
-            raise ConfigError(f"wrn: {name}={v!r} is invalid; expected an integer >= 1.")
+        check_number(v, f"wrn.{name}", integer=True, ge=1)
 
 
 @MODELS.register("wrn")

@@ -12,9 +12,9 @@ from fairdistill.cli import main
 from fairdistill.config import dump_yaml, load_config
 from fairdistill.engine import train
 from fairdistill.errors import ConfigError, RunDirError
-from fairdistill.experiments import (
-    LOCK, MARKER, SPEC_COPY, FolderLock, claim_action, load_spec, mean_std, owner_of, plan_sweep, run_overrides, run_sweep,
-    summarize_mfd, summarize_ofd, write_report,
+from fairdistill.report import mean_std, summarize_mfd, summarize_ofd, write_report
+from fairdistill.sweeps import (
+    LOCK, MARKER, SPEC_COPY, FolderLock, claim_action, load_spec, owner_of, plan_sweep, run_overrides, run_sweep,
 )
 from fairdistill.rundir import write_json, write_text
 
@@ -170,7 +170,7 @@ def test_stop_ends_a_running_process():
     import sys
     import time
 
-    from fairdistill.experiments import stop
+    from fairdistill.sweeps import stop
 
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     t0 = time.perf_counter()
@@ -337,10 +337,10 @@ def test_report_of_a_folder_that_is_no_sweep(tmp_path):
 def test_committed_reduced_report_has_the_layout_of_a_rerun():
     """docs/digits_s_mfd.md and .csv were made by `fairdistill report`; a re-run gives the same
     table header, the same rows in the same order and the same CSV columns."""
-    from fairdistill.experiments import RowRuns, mfd_table
+    from fairdistill.report import TableRow, mfd_table
 
     spec = load_spec(ROOT / "specs" / "digits_s_mfd.yaml", check_configs=False)
-    md, records = mfd_table([RowRuns(r, [], []) for r in spec.rows], with_paper=True)
+    md, records = mfd_table([TableRow(r.label, [], len(r.seeds), r.paper) for r in spec.rows], with_paper=True)
     doc = (ROOT / "docs" / "digits_s_mfd.md").read_text().splitlines()
     header, sep = md.splitlines()[:2]
     start = doc.index(header)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from ..registry import suggest
+from .files import deep_merge
 
 # Hinton KD as the MFD code runs it: lambda_h annealed 4 -> 1 over the stage, T = 3.
 KD = {"type": "kd", "weight": 4.0, "weight_end": 1.0, "T": 3.0}
@@ -79,8 +80,6 @@ PRESETS: dict[str, dict] = {
 
 def expand_method(method: str) -> dict:
     """The merged preset for ``a+b+...`` (later presets override earlier ones)."""
-    from ..config import deep_merge
-
     out: dict = {}
     for part in [p.strip() for p in method.split("+") if p.strip()] or ["scratch"]:
         if part not in PRESETS:

@@ -1,0 +1,170 @@
+"""The typed run configuration: one dataclass per section, every value checked by annotation.
+
+Types, choices (``Literal``) and bounds (``Annotated[..., Range(...)]``) are checked while a
+mapping is parsed (:func:`fairdistill.registry.from_dict`), so an unknown key, a wrong type or
+an out-of-range value raises a ConfigError naming the key, the expected type and the nearest
+valid key. Checks that need the registries or span keys are in :mod:`.validate`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Annotated, Literal, Union
+
+from ..registry import Range, from_dict
+
+__all__ = ["DataConfig", "ModelConfig", "OptimConfig", "RESUMABLE", "RunConfig", "ScheduleConfig", "StageConfig",
+           "TeacherConfig", "config_changes", "from_dict", "stage_list", "stage_optim", "stage_schedule", "to_dict"]
+
+NonNegInt = Annotated[int, Range(ge=0)]
+PosInt = Annotated[int, Range(ge=1)]
+
+
+@dataclass
+class DataConfig:
+    """Data set and batch pipeline."""
+
+    name: str = "digits-s"  #: data set name (``fairdistill.data.DATASETS``)
+    root: str = "data"  #: folder holding the data set's standard on-disk layout
+    options: dict = field(default_factory=dict)  #: data-set specific options (skew, val_fraction...)
+    batch_size: PosInt = 128  #: training batch size (global, over all processes)
+    eval_batch_size: PosInt = 512  #: evaluation batch size
+    sampler: Literal["uniform", "balanced"] = "uniform"  #: balanced oversamples (group, label) cells (MFD's SS)
+    drop_last: bool = True  #: drop the last incomplete training batch
+    padding: NonNegInt = 0  #: reflect-pad then random-crop augmentation (0: off)
+    flip: bool = False  #: random horizontal flip augmentation
+
+
+@dataclass
+class ModelConfig:
+    """A zoo model (``fairdistill.models.MODELS``) and its options."""
+
+    name: str = "mfd-cnn"
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class TeacherConfig:
+    """Where the teacher comes from and how it runs.
+
+    ``run`` names a finished run directory (its config gives the architecture and its
+    checkpoint the weights). Alternatively ``checkpoint`` names a state-dict file and ``model``
+    the architecture. ``bn_mode``: ``eval`` (running statistics) or ``train`` (batch statistics,
+    as the official OFD code).
+    """
+
+    run: str = ""
+    checkpoint: str = ""
+    model: Union[ModelConfig, None] = None
+    bn_mode: Literal["eval", "train"] = "eval"
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer: ``adam`` or ``sgd`` (momentum, optionally nesterov)."""
+
+    name: Literal["adam", "sgd"] = "adam"
+    lr: Annotated[float, Range(gt=0)] = 1e-3
+    momentum: Annotated[float, Range(ge=0)] = 0.9
+    nesterov: bool = False
+    weight_decay: Annotated[float, Range(ge=0)] = 0.0
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule, stepped once per epoch.
+
+    ``none``; ``plateau`` (ReduceLROnPlateau on ``monitor``: ``test_loss`` as the MFD code, or
+    ``val_loss`` with a validation split); ``multistep`` (``milestones``, ``gamma``);
+    ``cosine`` (to ``min_lr`` over the stage's epochs).
+    """
+
+    name: Literal["none", "plateau", "multistep", "cosine"] = "none"
+    monitor: Literal["test_loss", "val_loss"] = "test_loss"
+    factor: Annotated[float, Range(gt=0, lt=1)] = 0.1
+    patience: NonNegInt = 10
+    milestones: list[NonNegInt] = field(default_factory=list)
+    gamma: Annotated[float, Range(gt=0)] = 0.1
+    min_lr: Annotated[float, Range(ge=0)] = 0.0
+
+
+@dataclass
+class StageConfig:
+    """One training stage. Multi-stage recipes (FitNets hints, FT paraphraser, AB init) are lists.
+
+    ``epochs``: epochs of this stage (None: the run's ``epochs``); ``epochs_scale``: instead, a
+    fraction of the run's ``epochs`` (e.g. 0.5 for MFD's FitNet hint stage). ``terms``: names of
+    the active terms (None: all). ``ce_weight``: weight of the cross-entropy on labels.
+    ``train``: what is optimised: ``student`` and/or term names (None: the student and every
+    active term). ``optim`` / ``schedule``: overrides of the run's sections for this stage.
+    ``teacher_bn_mode``: overrides ``teacher.bn_mode`` in this stage (e.g. AB's initialisation).
+    """
+
+    name: str = "main"
+    epochs: Union[NonNegInt, None] = None
+    epochs_scale: Union[Annotated[float, Range(ge=0)], None] = None
+    terms: Union[list[str], None] = None
+    ce_weight: Annotated[float, Range(ge=0)] = 1.0
+    train: Union[list[str], None] = None
+    optim: dict = field(default_factory=dict)
+    schedule: dict = field(default_factory=dict)
+    teacher_bn_mode: Union[Literal["eval", "train"], None] = None
+
+
+@dataclass
+class RunConfig:
+    """One training run. See the README for every key."""
+
+    name: str = ""  #: a label for tables (defaults to the config file's stem)
+    out: str = ""  #: run directory (default ``runs/<data.name>/<name>/seed<seed>``)
+    seed: NonNegInt = 0
+    epochs: NonNegInt = 50
+    device: str = "cpu"  #: cpu | cuda | cuda:N
+    method: str = "scratch"  #: a preset or presets joined by '+', e.g. ``ss+hkd``
+    terms: dict = field(default_factory=dict)  #: term name -> {type, weight, weight_end, options...}
+    stages: list[StageConfig] = field(default_factory=list)  #: empty: one main stage
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval_every: PosInt = 1  #: evaluate on the test set every N epochs (and always at the end)
+    progress: bool = True  #: show a progress line while training
+    deterministic: bool = True  #: ask PyTorch for deterministic kernels
+    threads: NonNegInt = 0  #: CPU threads for PyTorch (0: PyTorch's default)
+    amp: Literal["off", "bf16", "fp16"] = "off"  #: mixed precision (fp16 uses a GradScaler)
+    channels_last: bool = False  #: NHWC memory layout for models and inputs
+    compile: bool = False  #: torch.compile the student's and teacher's forwards
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+RESUMABLE = ("progress", "device", "compile", "threads")
+"""Config keys that may differ when a run is resumed (e.g. continue a CUDA run on the CPU)."""
+
+
+def config_changes(saved: RunConfig, now: RunConfig, ignore: tuple = ()) -> list[str]:
+    """Top-level keys in which two configs differ, except :data:`RESUMABLE` and ``ignore``."""
+    a, b = to_dict(saved), to_dict(now)
+    return sorted(k for k in b if k not in (*RESUMABLE, *ignore) and a.get(k) != b[k])
+
+
+def stage_list(cfg: RunConfig) -> list[StageConfig]:
+    """The run's stages with epochs resolved (one main stage when ``stages`` is empty)."""
+    stages = [dataclasses.replace(s) for s in cfg.stages] or [StageConfig()]
+    for st in stages:
+        if st.epochs is None:
+            st.epochs = int(round(cfg.epochs * st.epochs_scale)) if st.epochs_scale is not None else cfg.epochs
+    return stages
+
+
+def stage_optim(cfg: RunConfig, index: int, stage: StageConfig) -> OptimConfig:
+    """The run's optimizer settings with stage ``index``'s overrides."""
+    return from_dict(OptimConfig, {**to_dict(cfg.optim), **stage.optim}, f"stages[{index}].optim")
+
+
+def stage_schedule(cfg: RunConfig, index: int, stage: StageConfig) -> ScheduleConfig:
+    """The run's schedule settings with stage ``index``'s overrides."""
+    return from_dict(ScheduleConfig, {**to_dict(cfg.schedule), **stage.schedule}, f"stages[{index}].schedule")

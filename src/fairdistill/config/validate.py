@@ -1,0 +1,77 @@
+"""One validation pass over a whole run config, before any data is read or model built.
+
+Types, choices and bounds were checked while parsing (:mod:`.schema`); this pass checks what
+needs the registries or spans keys: the data set, model and term names and every option by the
+builder's or term class's signature and annotations, term weights, stages (their terms, what
+they train, their optimizer and schedule overrides) and the schedule's monitor. A typo in a
+term option (``terms.kd.TT=3``) is reported here, before a missing data folder would be.
+"""
+from __future__ import annotations
+
+from ..data import DATASETS
+from ..errors import ConfigError
+from ..methods import TERMS
+from ..methods.objective import RESERVED, build_terms
+from ..models import MODELS
+from ..registry import check_number, check_options, suggest
+from .schema import RunConfig, stage_list, stage_optim, stage_schedule
+
+DATA_RESERVED = {
+    "root": "data.root",
+    "split": "nothing: the run builds its train and test splits (and val with data.options.val_fraction)",
+    "seed": "the top-level key seed",
+}
+"""Builder arguments that the run sets: refused in ``data.options``, with the key to use instead."""
+MODEL_RESERVED = {"num_classes": "nothing: the data set fixes the number of classes"}
+
+
+def check_device(device: str) -> None:
+    if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ConfigError(f"device: expected cpu, cuda or cuda:N, got {device!r}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check ``cfg`` as a whole (see the module docstring); options are stored back coerced."""
+    check_device(cfg.device)
+    builder = DATASETS.get(cfg.data.name, key="data.name")
+    cfg.data.options = check_options(builder, cfg.data.options, "data.options", reserved=DATA_RESERVED)
+    for key, model in (("model", cfg.model), ("teacher.model", cfg.teacher.model)):
+        if model is not None:
+            model.options = check_options(MODELS.get(model.name, key=f"{key}.name"), model.options,
+                                          f"{key}.options", reserved=MODEL_RESERVED)
+    for name, spec in cfg.terms.items():
+        if not isinstance(spec, dict):
+            raise ConfigError(f"terms.{name}: expected a mapping of term options, got {spec!r}")
+        cls = TERMS.get(spec.get("type", name), key=f"terms.{name}.type")
+        options = check_options(cls.__init__, {k: v for k, v in spec.items() if k not in RESERVED}, f"terms.{name}")
+        for k in ("weight", "weight_end"):
+            if spec.get(k) is not None:
+                spec[k] = check_number(spec[k], f"terms.{name}.{k}")
+        cfg.terms[name] = {**{k: v for k, v in spec.items() if k in RESERVED}, **options}
+    build_terms(cfg.terms)  # the terms' own checks of their option values
+    for i, st in enumerate(stage_list(cfg)):
+        for t in st.terms or []:
+            if t not in cfg.terms:
+                raise ConfigError(f"stages[{i}].terms: no term named {t!r}.{suggest(t, cfg.terms)} "
+                                  f"Terms: {', '.join(cfg.terms) or 'none'}.")
+        for t in st.train or []:
+            if t != "student" and t not in cfg.terms:
+                raise ConfigError(f"stages[{i}].train: {t!r} is neither 'student' nor a term name.")
+        stage_optim(cfg, i, st)
+        schedule = stage_schedule(cfg, i, st)
+        if schedule.name == "plateau" and schedule.monitor == "val_loss" and not cfg.data.options.get("val_fraction"):
+            raise ConfigError("schedule.monitor: val_loss needs a validation split: set data.options.val_fraction (e.g. 0.1)")
+
+
+def needs_teacher(cfg: RunConfig) -> list[str]:
+    """Names of the configured terms that need a teacher model."""
+    return [name for name, spec in cfg.terms.items() if TERMS.get(spec.get("type", name)).needs_teacher]
+
+
+def check_teacher(cfg: RunConfig) -> None:
+    """Fail when a term needs a teacher and the config names none (checked when a run starts:
+    a config may leave ``teacher.run`` to the command line)."""
+    who = needs_teacher(cfg)
+    if who and not (cfg.teacher.run or cfg.teacher.checkpoint):
+        raise ConfigError(f"terms.{who[0]}: this term needs a teacher; set teacher.run=RUN_DIR (a finished run) "
+                          "or teacher.checkpoint=FILE with teacher.model")

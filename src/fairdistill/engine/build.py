@@ -1,0 +1,202 @@
+"""Building a run's parts from its config: device, data and loaders, student, teacher, terms.
+
+Also the one function that rebuilds a finished run's model from its folder
+(:func:`load_run_model`), shared by ``eval``, ``tsne`` and the plots.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import RunConfig
+from ..data import BatchLoader, ImageDataset, build_dataset
+from ..distributed import DistContext
+from ..errors import ConfigError
+from ..methods.base import SetupContext
+from ..methods.objective import Objective
+from ..models import FeatureModel, build_model
+from ..rundir import RunDir
+from .checkpoint import load_weights
+
+
+def resolve_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} requested but CUDA is not available here; use device=cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def default_out(cfg: RunConfig) -> str:
+    """The run directory when ``out`` is not set: ``runs/<data>/<name>/seed<seed>``."""
+    return f"runs/{cfg.data.name}/{cfg.name or 'run'}/seed{cfg.seed}"
+
+
+def strip_prefix(state: dict, prefix: str = "module.") -> dict:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+def load_state(model: nn.Module, state: dict, where: str) -> None:
+    """Load ``state`` into ``model`` (a DDP ``module.`` prefix is dropped) or fail naming ``where``."""
+    try:
+        model.load_state_dict(strip_prefix(state))
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise ConfigError(f"{where}: weights do not fit the model ({' '.join(first[:3])[:400]})") from None
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class RunData:
+    """The data sets of a run and their loaders (batch sizes per process)."""
+
+    train_set: ImageDataset
+    test_set: ImageDataset
+    val_set: ImageDataset | None
+    train_loader: BatchLoader
+    test_loader: BatchLoader
+    val_loader: BatchLoader | None
+
+    @property
+    def num_classes(self) -> int:
+        return self.train_set.num_classes
+
+    @property
+    def num_groups(self) -> int:
+        return self.train_set.num_groups
+
+
+def build_data(cfg: RunConfig, device: torch.device, dist: DistContext) -> RunData:
+    """Train, test (and with ``data.options.val_fraction`` val) sets and their loaders."""
+    d, ws = cfg.data, dist.world_size
+    kwargs = dict(root=d.root, seed=cfg.seed, **d.options)
+    train_set = build_dataset(d.name, split="train", **kwargs)
+    test_set = build_dataset(d.name, split="test", **kwargs)
+    val_set = build_dataset(d.name, split="val", **kwargs) if d.options.get("val_fraction") else None
+    if len(train_set) < d.batch_size and d.drop_last:
+        raise ConfigError(
+            f"data.batch_size: {d.batch_size} is larger than the training set ({len(train_set)} items) "
+            "with data.drop_last=true; lower the batch size"
+        )
+    if d.batch_size % ws:
+        raise ConfigError(f"data.batch_size: the global batch {d.batch_size} must divide evenly over {ws} processes")
+    shard = dict(device=device, rank=dist.rank, world_size=ws)
+    train_loader = BatchLoader(  # batch sizes are per process: the global batch split evenly
+        train_set, d.batch_size // ws, sampler=d.sampler, drop_last=d.drop_last,
+        padding=d.padding, flip=d.flip, seed=cfg.seed, **shard,
+    )
+    eval_batch = max(d.eval_batch_size // ws, 1)
+    test_loader = BatchLoader(test_set, eval_batch, sampler="sequential", **shard)
+    val_loader = BatchLoader(val_set, eval_batch, sampler="sequential", **shard) if val_set else None
+    return RunData(train_set, test_set, val_set, train_loader, test_loader, val_loader)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def load_teacher(cfg: RunConfig, num_classes: int, device: torch.device) -> FeatureModel | None:
+    """The frozen teacher named by ``cfg.teacher`` (a finished run, or a checkpoint file + model)."""
+    t = cfg.teacher
+    if t.run:
+        run = RunDir(t.run)
+        if not run.finished:
+            raise ConfigError(f"teacher.run: {t.run} is not a finished run (no result.json); train the teacher first")
+        tcfg = run.read_config()
+        model = build_model(tcfg.model.name, num_classes, key="teacher.model", **tcfg.model.options)
+        load_state(model, load_weights(run.checkpoint), f"teacher.run {t.run}")
+    elif t.checkpoint:
+        if t.model is None:
+            raise ConfigError("teacher.model: needed with teacher.checkpoint (name the architecture)")
+        model = build_model(t.model.name, num_classes, key="teacher.model", **t.model.options)
+        try:
+            state = torch.load(t.checkpoint, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise ConfigError(f"teacher.checkpoint: {t.checkpoint} does not exist") from None
+        except Exception as e:
+            raise ConfigError(f"teacher.checkpoint: {t.checkpoint} cannot be loaded safely ({e})") from None
+        for key in ("model", "state_dict"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+        load_state(model, state, f"teacher.checkpoint {t.checkpoint}")
+    else:
+        return None
+    model.to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class Reiterable:
+    """Each iteration runs one fresh pass of ``loader.epoch(0)`` (unaugmented, in order)."""
+
+    def __init__(self, loader: BatchLoader):
+        self.loader = loader
+
+    def __iter__(self):
+        return iter(self.loader.epoch(0))
+
+
+def setup_terms(objective: Objective, student: FeatureModel, teacher: FeatureModel | None, data: RunData,
+                batch_size: int, device: torch.device) -> None:
+    """Size and initialise the term modules from a dry forward of the first training items."""
+    if not len(objective.terms):
+        return
+    train_set = data.train_set
+    n = min(len(train_set), batch_size)
+    probe = BatchLoader(train_set.subset(torch.arange(n)), n, sampler="sequential", device=device)
+    x, _, _ = next(iter(probe.epoch(0)))
+    student.eval()
+    with torch.no_grad():
+        s_feat = student.forward_features(x)
+        t_feat = None
+        if teacher is not None:
+            teacher.eval()
+            t_feat = teacher.forward_features(x)
+    student.train()
+    train_batches = Reiterable(BatchLoader(train_set, batch_size, sampler="sequential", device=device))
+    ctx = SetupContext(
+        teacher=teacher, student_features=s_feat, teacher_features=t_feat, num_classes=data.num_classes,
+        num_groups=data.num_groups, device=device, train_batches=train_batches, terms=dict(objective.terms.items()),
+    )
+    for term in objective.terms.values():
+        term.setup(ctx)
+    objective.to(device)
+
+
+# ----------------------------------------------------------------------------- finished runs
+
+
+@dataclass
+class RunModel:
+    """A run's model rebuilt from its folder, with its config and its test set."""
+
+    cfg: RunConfig
+    model: FeatureModel
+    test_set: ImageDataset
+    device: torch.device
+
+
+def load_run_model(path: str | Path, device: str | None = None) -> RunModel:
+    """Rebuild the model of the run in ``path`` from its config and checkpoint, on ``device``
+    (default: the run's), in eval mode, with its test set."""
+    run = RunDir(path)
+    cfg = run.read_config()
+    if device:
+        cfg = replace(cfg, device=device)
+    dev = resolve_device(cfg.device)
+    d = cfg.data
+    test = build_dataset(d.name, root=d.root, split="test", seed=cfg.seed, **d.options)
+    model = build_model(cfg.model.name, test.num_classes, **cfg.model.options)
+    load_state(model, load_weights(run.checkpoint), f"{run.checkpoint}")
+    return RunModel(cfg, model.to(dev).eval(), test, dev)

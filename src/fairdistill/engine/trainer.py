@@ -1,0 +1,290 @@
+"""The trainer: stages, optimizers, schedules, checkpoints, resume, progress and metrics.
+
+A run is built entirely before its first step (data, models, teacher, terms), so a bad config
+fails early. Every epoch draws its randomness (sampling, augmentation, dropout) from a seed
+derived from (seed, epoch), and the checkpoint after each epoch holds everything else, so a
+killed run resumed with ``resume=True`` ends with the metrics of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..config import RunConfig, check_teacher, config_changes, dump_yaml, from_dict, to_dict
+from ..distributed import all_reduce_sum, barrier
+from ..distributed import setup as setup_distributed
+from ..errors import RunDirError, TrainingError
+from ..methods.objective import Objective
+from ..models import build_model, count_parameters
+from ..progress import Progress
+from ..rundir import RunDir, write_json, write_text
+from .build import build_data, default_out, load_teacher, resolve_device, seed_everything, setup_terms
+from .checkpoint import load_checkpoint, save_checkpoint
+from .evaluate import evaluate
+from .stages import Stage, make_optimizer, resolve_stages, scheduled_lr
+from .step import Precision, StageRun, StudentStep, train_step
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's randomness, a function of the run's seed and the epoch only."""
+    return (seed * 1_000_003 + epoch * 7_919 + 12_345) % (2**31 - 1)
+
+
+def set_bn_mode(model: nn.Module, bn_mode: str) -> None:
+    """Eval mode everywhere; with ``bn_mode="train"`` BatchNorm layers use batch statistics."""
+    model.eval()
+    if bn_mode == "train":
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
+
+
+class Trainer:
+    """Builds a run from a :class:`RunConfig` and trains it into its run directory.
+
+    ``callbacks`` are called as ``cb(trainer, record)`` after each epoch's checkpoint is
+    written (sweeps use them for progress; tests use them to simulate a kill). Under torchrun
+    every process builds the same run; only rank 0 writes files.
+    """
+
+    def __init__(self, cfg: RunConfig, resume: bool = False, callbacks: list[Callable] = (), log=print):
+        self.cfg, self.resume, self.callbacks, self.log = cfg, resume, list(callbacks), log
+        self.run_dir = RunDir(cfg.out or default_out(cfg))
+        self._check_run_dir()
+        check_teacher(cfg)
+        resolve_device(cfg.device)
+        self.dist, self.device = setup_distributed(cfg.device)
+        self.is_main = self.dist.is_main
+        torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        seed_everything(cfg.seed)
+        self.data = build_data(cfg, self.device, self.dist)
+        self.num_classes, self.num_groups = self.data.num_classes, self.data.num_groups
+        self.student = build_model(cfg.model.name, self.num_classes, **cfg.model.options).to(self.device)
+        self.objective = Objective(cfg.terms).to(self.device)
+        self.stages = resolve_stages(cfg, self.objective)
+        # a configured teacher is loaded only when a term needs it (a baseline may name one)
+        needed = any(st.needs_teacher for st in self.stages)
+        self.teacher = load_teacher(cfg, self.num_classes, self.device) if needed else None
+        self._teacher_bn_train = self.teacher is not None and any(
+            (s.cfg.teacher_bn_mode or cfg.teacher.bn_mode) == "train" for s in self.stages)
+        setup_terms(self.objective, self.student, self.teacher, self.data, cfg.data.batch_size, self.device)
+        self.precision = Precision(self.device.type, cfg.amp, cfg.channels_last)
+        if cfg.amp == "fp16":
+            self.precision.scaler = torch.amp.GradScaler(self.device.type)
+        if cfg.channels_last:
+            for m in (self.student, self.teacher, self.objective):
+                if m is not None:
+                    m.to(memory_format=torch.channels_last)
+        self.step_module = StudentStep(self.student, self.objective)
+        if cfg.compile:
+            for m in (self.student, self.teacher):
+                if m is not None:
+                    m.forward_features = torch.compile(m.forward_features)
+                    m.forward = torch.compile(m.forward)
+
+    def _check_run_dir(self) -> None:
+        rd = self.run_dir
+        if rd.finished:
+            raise RunDirError(
+                f"{rd.path} already holds a finished run (result.json); it is never overwritten. "
+                "Choose another out=DIR, or evaluate it with `fairdistill eval`."
+            )
+        if rd.started and not self.resume:
+            raise RunDirError(f"{rd.path} holds an unfinished run; pass --resume to continue it, or choose another out=DIR")
+        if self.resume and rd.config.is_file():
+            diff = config_changes(rd.read_config(), self.cfg)
+            if diff:
+                raise RunDirError(f"{rd.path}: cannot resume with a different config (changed: {', '.join(diff)})")
+
+    # -- stages ------------------------------------------------------------------
+
+    def _prepare_stage(self, stage: Stage):
+        """Optimizers, plateau scheduler and the (DDP-wrapped) step module of ``stage``.
+
+        Only what the stage trains requires grad, so DDP synchronises exactly those parameters.
+        """
+        for p in self.step_module.parameters():
+            p.requires_grad_(False)
+        main_params = list(self.student.parameters()) if stage.train_student else []
+        own = {}
+        for name in stage.trained_terms:
+            term = self.objective.term(name)
+            params = list(term.parameters())
+            if not params:
+                continue
+            if term.optimizer is None:
+                main_params += params
+            else:
+                spec = from_dict(type(stage.optim), {**to_dict(stage.optim), **term.optimizer}, f"terms.{name}.optimizer")
+                own[name] = make_optimizer(params, spec)
+                for p in params:
+                    p.requires_grad_(True)
+        for p in main_params:
+            p.requires_grad_(True)
+        main = make_optimizer(main_params, stage.optim) if main_params else None
+        plateau = None
+        if stage.schedule.name == "plateau" and main is not None:
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                main, mode="min", factor=stage.schedule.factor, patience=stage.schedule.patience
+            )
+        module = self.step_module
+        if self.dist.enabled and any(p.requires_grad for p in module.parameters()):
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            module = DDP(module, find_unused_parameters=True)
+        optimizers = [o for o in [main, *own.values()] if o is not None]
+        return main, own, plateau, StageRun(stage, module, optimizers, self.teacher, self.precision)
+
+    # -- training ----------------------------------------------------------------
+
+    def _train_epoch(self, run: StageRun, epoch: int, global_epoch: int) -> dict:
+        stage = run.stage
+        torch.manual_seed(epoch_seed(self.cfg.seed, global_epoch))
+        self.student.train(stage.train_student)  # a frozen student keeps its BN statistics
+        self.objective.train()
+        if self.teacher is not None:
+            set_bn_mode(self.teacher, stage.cfg.teacher_bn_mode or self.cfg.teacher.bn_mode)
+        run.weights = self.objective.current_weights(stage.active, epoch, stage.epochs)
+        sums: dict[str, torch.Tensor] = {}
+        n = 0
+        loader = self.data.train_loader
+        bar = Progress(len(loader), f"{self.cfg.name or 'run'} {stage.cfg.name} {epoch + 1}/{stage.epochs}",
+                       enabled=self.cfg.progress and self.is_main)
+        for batch in loader.epoch(global_epoch):
+            try:
+                parts = train_step(run, batch, epoch)
+            except TrainingError as e:
+                raise TrainingError(f"{e} {self.run_dir.checkpoint} keeps the last good epoch.") from None
+            b = batch[1].numel()
+            for k, v in parts.items():
+                v = v.double()
+                sums[k] = sums.get(k, 0.0) + (v if k == "correct" else v * b)
+            n += b
+            bar.update(1, f"loss {parts['loss'].item():.4f}")
+        keys = sorted(sums)
+        totals = all_reduce_sum(torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=self.device) for k in keys]
+                                            + [torch.tensor(float(n), dtype=torch.float64, device=self.device)]), self.dist)
+        n_all = max(totals[-1].item(), 1.0)
+        out = {k: totals[i].item() / n_all for i, k in enumerate(keys)}
+        out["accuracy"] = out.pop("correct", 0.0)
+        bar.close(f"loss {out.get('loss', float('nan')):.4f} acc {out['accuracy']:.4f}")
+        return out
+
+    def _evaluate(self, loader) -> dict:
+        return evaluate(self.student, loader, self.num_classes, self.num_groups, self.precision, self.dist)
+
+    def _restore(self, state: dict) -> None:
+        """Load the model, term modules, teacher buffers and scaler of a checkpoint."""
+        self.student.load_state_dict(state["model"])
+        self.objective.load_state_dict(state["objective"])
+        if self.teacher is not None and state.get("teacher_buffers"):
+            self.teacher.load_state_dict({**self.teacher.state_dict(), **state["teacher_buffers"]})
+        if self.precision.scaler is not None and state.get("scaler"):
+            self.precision.scaler.load_state_dict(state["scaler"])
+
+    def _save(self, stage: Stage, epoch: int, main, own: dict, plateau, history: list, elapsed: float) -> None:
+        """The checkpoint after ``epoch`` of ``stage`` (where a resumed run continues)."""
+        done_stage, next_epoch = (stage.index + 1, 0) if epoch + 1 == stage.epochs else (stage.index, epoch + 1)
+        save_checkpoint(self.run_dir.checkpoint, {
+            "stage": done_stage, "epoch": next_epoch,
+            "model": self.student.state_dict(), "objective": self.objective.state_dict(),
+            "teacher_buffers": dict(self.teacher.named_buffers()) if self._teacher_bn_train else {},
+            "optim": main.state_dict() if main else {},
+            "term_optim": {k: o.state_dict() for k, o in own.items()},
+            "plateau": plateau.state_dict() if plateau else {},
+            "scaler": self.precision.scaler.state_dict() if self.precision.scaler is not None else {},
+            "history": history, "elapsed": elapsed,
+        })
+
+    def run(self) -> dict:
+        """Train every stage to the end, write ``result.json`` and return it."""
+        rd, cfg = self.run_dir, self.cfg
+        state = load_checkpoint(rd.checkpoint) if self.resume and rd.checkpoint.is_file() else None
+        barrier(self.dist)
+        if self.is_main:
+            rd.path.mkdir(parents=True, exist_ok=True)
+            write_text(rd.config, dump_yaml(cfg))
+        history: list[dict] = []
+        start_stage = start_epoch = 0
+        elapsed0 = 0.0
+        if state is not None:
+            self._restore(state)
+            history, start_stage, start_epoch, elapsed0 = state["history"], state["stage"], state["epoch"], state["elapsed"]
+            if self.is_main:
+                rd.write_metrics(history)
+                self.log(f"resuming {rd.path} at stage {start_stage + 1}, epoch {start_epoch + 1}")
+        t0 = time.perf_counter()
+        global_epoch = sum(s.epochs for s in self.stages[:start_stage]) + start_epoch
+        for stage in self.stages[start_stage:]:
+            main, own, plateau, step = self._prepare_stage(stage)
+            first = start_epoch if stage.index == start_stage else 0
+            if state is not None and stage.index == start_stage and first > 0:
+                if main is not None:
+                    main.load_state_dict(state["optim"])
+                for name, opt in own.items():
+                    opt.load_state_dict(state["term_optim"][name])
+                if plateau is not None:
+                    plateau.load_state_dict(state["plateau"])
+            for epoch in range(first, stage.epochs):
+                if main is not None and stage.schedule.name in ("multistep", "cosine"):
+                    for group in main.param_groups:
+                        group["lr"] = scheduled_lr(stage.schedule, stage.optim.lr, epoch, stage.epochs)
+                record = {"stage": stage.cfg.name, "epoch": epoch + 1, "global_epoch": global_epoch + 1,
+                          "lr": main.param_groups[0]["lr"] if main else None,
+                          "train": self._train_epoch(step, epoch, global_epoch)}
+                is_last = stage is self.stages[-1] and epoch == stage.epochs - 1
+                needs_test = plateau is not None and stage.schedule.monitor == "test_loss"
+                if is_last or needs_test or (global_epoch + 1) % cfg.eval_every == 0:
+                    record["test"] = self._evaluate(self.data.test_loader)
+                if self.data.val_loader is not None:
+                    record["val"] = self._evaluate(self.data.val_loader)
+                if plateau is not None:
+                    plateau.step(record["test" if stage.schedule.monitor == "test_loss" else "val"]["loss"])
+                history.append(record)
+                global_epoch += 1
+                if self.is_main:
+                    self._save(stage, epoch, main, own, plateau, history, elapsed0 + time.perf_counter() - t0)
+                    rd.write_metrics(history)
+                    self._log_epoch(record)
+                barrier(self.dist)
+                for cb in self.callbacks:
+                    cb(self, record)
+        result = self._result(history, elapsed0 + time.perf_counter() - t0)
+        if self.is_main:
+            write_json(rd.result, result)
+        barrier(self.dist)
+        return result
+
+    def _log_epoch(self, record: dict) -> None:
+        if "test" in record and self.cfg.progress:
+            t = record["test"]
+            self.log(f"  test: acc {100 * t['accuracy']:.2f}  DEO_A {100 * t['deo_a']:.2f}  DEO_M {100 * t['deo_m']:.2f}  loss {t['loss']:.4f}")
+
+    def _result(self, history: list[dict], wall: float) -> dict:
+        evaluated = [r for r in history if "test" in r]
+        final = evaluated[-1]["test"] if evaluated else self._evaluate(self.data.test_loader)
+        best = max(evaluated, key=lambda r: r["test"]["accuracy"]) if evaluated else None
+        pick = ("accuracy", "deo_a", "deo_m", "loss")
+        test_set = self.data.test_set
+        return {
+            "name": self.cfg.name, "method": self.cfg.method, "seed": self.cfg.seed,
+            "data": self.cfg.data.name, "model": self.cfg.model.name,
+            "teacher": self.cfg.teacher.run or self.cfg.teacher.checkpoint or None,
+            "epochs": sum(s.epochs for s in self.stages),
+            "final": {k: final[k] for k in pick},
+            "best": ({k: best["test"][k] for k in pick} | {"epoch": best["global_epoch"]}) if best else None,
+            "cell_accuracy": final["cell_accuracy"],
+            "class_names": test_set.class_names, "group_names": test_set.group_names,
+            "num_params": count_parameters(self.student),
+            "world_size": self.dist.world_size,
+            "wall_time_s": wall,
+        }
+
+
+def train(cfg: RunConfig, resume: bool = False, **kwargs) -> dict:
+    """Train one run (see :class:`Trainer`) and return its ``result.json`` contents."""
+    return Trainer(cfg, resume=resume, **kwargs).run()

@@ -1,0 +1,240 @@
+"""Running a sweep locally: every (row, seed) in its own ``python -m fairdistill train``
+process, at most ``jobs`` at once, teachers before the rows that need them, with one progress
+line; Ctrl-C or SIGTERM stop the runs (each keeps its last checkpoint) and a re-run resumes."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..progress import format_seconds
+from ..rundir import RunDir, write_json
+from .plan import FolderLock, RunPlan, claim_folder, describe_plan, owner_of, plan_sweep
+from .spec import LOG, MARKER, STATUS, SweepSpec
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def child_env() -> dict:
+    """The environment of a run's process: this fairdistill first on the import path."""
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def last_error(log: Path) -> str:
+    """The most telling line of a failed run's log: its error line, else its last line."""
+    try:
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "no log"
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    return ((errors or lines or ["empty log"])[-1])[:300]
+
+
+@dataclass
+class SweepSummary:
+    """What one ``run_sweep`` call did."""
+
+    runs: int
+    counts: dict
+    problems: list
+    wall_s: float
+
+    @property
+    def ok(self) -> bool:
+        return not any(self.counts.get(k) for k in ("failed", "skipped", "conflict"))
+
+
+class SweepProgress:
+    """Overall progress as one line: runs done/total, failures, elapsed, ETA.
+
+    Events (a run started, finished, failed) are printed as lines, each with the progress in
+    front; on a terminal the progress line is also redrawn every second.
+    """
+
+    def __init__(self, plans: list[RunPlan], stream):
+        self.plans, self.stream = plans, stream
+        self.live = getattr(stream, "isatty", lambda: False)()
+        self.t0 = self.last = time.perf_counter()
+        self.ended_now = 0  # runs this invocation ran to an end (done or failed)
+
+    def line(self) -> str:
+        c = Counter(p.status for p in self.plans)
+        elapsed = time.perf_counter() - self.t0
+        remaining = c["pending"] + c["running"]
+        eta = format_seconds(elapsed / self.ended_now * remaining) if self.ended_now else "?"
+        return (f"[{c['done']}/{len(self.plans)} done, {c['failed']} failed, {c['skipped'] + c['conflict']} skipped, "
+                f"{c['running']} running; {format_seconds(elapsed)} elapsed, ETA {eta}]")
+
+    def event(self, text: str) -> None:
+        clear = "\r\x1b[K" if self.live else ""
+        self.stream.write(f"{clear}{self.line()} {text}\n")
+        self.stream.flush()
+        self.tick(force=True)
+
+    def tick(self, force: bool = False) -> None:
+        now = time.perf_counter()
+        if self.live and (force or now - self.last >= 1.0):
+            self.last = now
+            self.stream.write("\r" + self.line() + "\x1b[K")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.live:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+class _Sweep:
+    """The scheduling loop of :func:`run_sweep`."""
+
+    def __init__(self, spec: SweepSpec, plans: list[RunPlan], stream):
+        self.spec, self.plans, self.stream = spec, plans, stream
+        self.progress = SweepProgress(plans, stream)
+        self.threads = max(1, cpu_count() // spec.jobs)
+        self.running: dict[RunPlan, tuple[subprocess.Popen, object, float]] = {}
+
+    def mark(self, p: RunPlan, status: str) -> None:
+        p.status = status
+        if status in ("running", "done", "failed", "interrupted"):
+            write_json(p.path / MARKER, {**owner_of(self.spec, p.row, p.seed), "status": status, "log": LOG})
+
+    def start(self, p: RunPlan) -> None:
+        p.path.mkdir(parents=True, exist_ok=True)
+        self.mark(p, "running")
+        argv = list(p.argv) + ([f"threads={self.threads}"] if p.cfg.threads == 0 else [])
+        cmd = [sys.executable, "-m", "fairdistill", "train", p.row.config, *argv] + (["--resume"] if p.action == "resume" else [])
+        log = open(p.path / LOG, "a")
+        log.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} sweep {self.spec.name}: {' '.join(cmd[1:])}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env())
+        self.running[p] = (proc, log, time.perf_counter())
+        self.progress.event(f"{'resume' if p.action == 'resume' else 'start'} {p.label}")
+
+    def finish(self, p: RunPlan) -> None:
+        proc, log, t0 = self.running.pop(p)
+        log.close()
+        p.wall_s = time.perf_counter() - t0
+        self.progress.ended_now += 1
+        rd = RunDir(p.path)
+        if proc.returncode == 0 and rd.finished:
+            self.mark(p, "done")
+            f = rd.read_result()["final"]
+            self.progress.event(f"done {p.label} ({format_seconds(p.wall_s)}): accuracy {100 * f['accuracy']:.2f}, "
+                                f"DEO_A {100 * f['deo_a']:.2f}, DEO_M {100 * f['deo_m']:.2f}")
+        else:
+            self.mark(p, "failed")
+            p.reason = f"exit code {proc.returncode}: {last_error(p.path / LOG)} (log: {p.path / LOG})"
+            self.progress.event(f"FAILED {p.label}: {p.reason}")
+
+    def loop(self) -> None:
+        todo = [p for p in self.plans if p.action in ("run", "resume")]
+        while todo or self.running:
+            for p in list(todo):
+                t = p.teacher
+                if t is not None and t.status in ("failed", "skipped", "conflict"):
+                    todo.remove(p)
+                    p.status, p.reason = "skipped", f"its teacher {t.label} {'was ' if t.status == 'skipped' else ''}{t.status}"
+                    self.progress.event(f"skip {p.label}: {p.reason}")
+            while len(self.running) < self.spec.jobs:
+                ready = next((p for p in todo if p.teacher is None or p.teacher.status == "done"), None)
+                if ready is None:
+                    break
+                todo.remove(ready)
+                self.start(ready)
+            for p, (proc, _, _) in list(self.running.items()):
+                if proc.poll() is not None:
+                    self.finish(p)
+            self.progress.tick()
+            time.sleep(0.2)
+
+    def interrupt(self) -> None:
+        """Stop the running runs (each keeps its last epoch's checkpoint) and mark them interrupted.
+
+        A terminal's Ctrl-C reached them already; otherwise they get SIGINT, then SIGTERM.
+        """
+        for p, (proc, log, _) in list(self.running.items()):
+            stop(proc)
+            log.close()
+            self.mark(p, "done" if proc.returncode == 0 and RunDir(p.path).finished else "interrupted")
+        self.running.clear()
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Give ``proc`` 2 s to end, then SIGINT (10 s), SIGTERM (5 s), then kill it."""
+    steps = [(lambda: None, 2.0), (lambda: proc.send_signal(signal.SIGINT), 10.0), (proc.terminate, 5.0), (proc.kill, None)]
+    for act, wait in steps:
+        act()
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run_sweep(spec: SweepSpec, dry_run: bool = False, stream=None) -> SweepSummary:
+    """Run every (row, seed) of ``spec`` (see the module docstring) and return what happened.
+
+    ``dry_run`` prints the plan (run / resume / skip / conflict per run) and writes nothing.
+    """
+    stream = stream or sys.stderr
+    claim_folder(spec, write=False)
+    if dry_run:
+        plans = plan_sweep(spec)
+        stream.write(describe_plan(plans) + "\n")
+        return SweepSummary(len(plans), dict(Counter(p.action for p in plans)), [], 0.0)
+    with FolderLock(spec.out):
+        return _run(spec, plan_sweep(spec), stream)
+
+
+def _run(spec: SweepSpec, plans: list[RunPlan], stream) -> SweepSummary:
+    claim_folder(spec, write=True)
+    for p in plans:
+        p.status = {"skip": "done", "conflict": "conflict"}.get(p.action, "pending")
+        if p.action == "conflict":
+            stream.write(f"not touched: {p.label}: {p.reason}\n")
+    sweep = _Sweep(spec, plans, stream)
+    reused = sum(p.action == "skip" for p in plans)
+    stream.write(f"sweep {spec.name}: {len(plans)} runs ({reused} already finished) in {spec.out}, "
+                 f"{spec.jobs} at a time, {sweep.threads} thread(s) each\n")
+    t0 = time.perf_counter()
+    # SIGTERM (a scheduler, `kill`) stops a sweep as Ctrl-C does: its runs stop and can be resumed
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None
+    try:
+        sweep.loop()
+    except KeyboardInterrupt:
+        sweep.interrupt()
+        raise
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+        sweep.progress.close()
+        counts = dict(Counter(p.status for p in plans))
+        problems = [f"{p.status}: {p.label}: {p.reason}" for p in plans if p.status in ("failed", "skipped", "conflict")]
+        summary = SweepSummary(len(plans), counts, problems, time.perf_counter() - t0)
+        write_json(Path(spec.out) / STATUS, {
+            "sweep": spec.name, "ended": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": summary.wall_s,
+            "jobs": spec.jobs, "threads_per_run": sweep.threads, "cpus": cpu_count(), "runs": len(plans),
+            "reused": reused, "counts": counts, "problems": problems,
+        })
+    stream.write(f"sweep {spec.name}: {counts.get('done', 0)}/{len(plans)} done in {format_seconds(summary.wall_s)}"
+                 + "".join(f"\n  {line}" for line in problems) + "\n")
+    return summary
