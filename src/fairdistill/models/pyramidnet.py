@@ -17,6 +17,15 @@ the stage end, computed once in the normal forward pass:
 - basic: layer2[0].bn1(g1), layer3[0].bn1(g2) (no ReLU follows these, as in OFD) and bn_final(g3).
 ``stage_bns`` returns exactly the BNs that produce these features. (OFD's code returns bn2 for
 the basic block, which is not the BN of the feature; gotcha G13. Ours is exact.)
+
+``official_bn_updates=True`` reproduces a side effect of the official ``extract_feature``
+(CIFAR-100/models/PyramidNet.py; reference/ofd.md gotcha G12), which recomputes the three
+positions after the normal forward: in training mode the BNs on the way take a second momentum
+update per step with the same batch statistics: layer2[0].bn1 and bn2, layer3[0].bn1 and bn2
+and bn_final (bottleneck), layer2[0].bn1, layer3[0].bn1 and bn_final (basic). Here
+``forward_features`` then re-runs the official expressions on the same inputs without autograd
+(features, losses and gradients do not change); ``forward`` updates every BN once, as the
+official ``forward`` (see ``models/wrn.py``).
 """
 from __future__ import annotations
 
@@ -27,6 +36,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..registry import check_number
 from .base import MODELS, FeatureModel, Features, kaiming_init
+from .wrn import update_bn_again
 
 
 def _shortcut(x: torch.Tensor, stride: int, channels: int) -> torch.Tensor:
@@ -125,10 +135,13 @@ class PyramidNet(FeatureModel):
 
     Features: stages = the three positions of the module docstring; embedding = pooled
     ReLU(bn_final(g3)); extra["block"] = the stage outputs g1, g2, g3 (the residual stream).
+    ``official_bn_updates``: see the module docstring.
     """
 
-    def __init__(self, depth: int, alpha: float, num_classes: int, bottleneck: bool, in_channels: int = 3):
+    def __init__(self, depth: int, alpha: float, num_classes: int, bottleneck: bool, in_channels: int = 3,
+                 official_bn_updates: bool = False):
         super().__init__()
+        self.official_bn_updates = official_bn_updates
         block = PyramidBottleneck if bottleneck else PyramidBasic
         n = (depth - 2) // (9 if bottleneck else 6)
         widths = block_widths(n, alpha)
@@ -147,7 +160,21 @@ class PyramidNet(FeatureModel):
         self.stage_channels = [bn.num_features for bn in self.stage_bns()]
         kaiming_init(self)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits; every BN updates its running statistics once (the official ``forward``)."""
+        return self._features(x).logits
+
     def forward_features(self, x: torch.Tensor) -> Features:
+        feats = self._features(x)
+        if self.official_bn_updates:
+            g1, g2, g3 = feats.extra["block"]
+            b2, b3 = self.layer2[0], self.layer3[0]
+            # block.entry is the official expression: bn2(conv1(bn1(g))) or bn1(g)
+            update_bn_again([(b2.entry_bn, lambda: b2.entry(g1)), (b3.entry_bn, lambda: b3.entry(g2)),
+                             (self.bn_final, lambda: self.bn_final(g3))])
+        return feats
+
+    def _features(self, x: torch.Tensor) -> Features:
         g1 = self.layer1(self.bn1(self.conv1(x)))
         p1 = self.layer2[0].entry(g1)
         g2 = self.layer2(g1, p1)
@@ -166,13 +193,16 @@ class PyramidNet(FeatureModel):
 
 @MODELS.register("pyramidnet")
 def pyramidnet(
-    num_classes: int, depth: int = 110, alpha: float = 84, bottleneck: bool = False, in_channels: int = 3
+    num_classes: int, depth: int = 110, alpha: float = 84, bottleneck: bool = False, in_channels: int = 3,
+    official_bn_updates: bool = False,
 ) -> PyramidNet:
-    """PyramidNet-depth (9n+2 with bottleneck blocks, 6n+2 with basic ones), widening ``alpha``."""
+    """PyramidNet-depth (9n+2 with bottleneck blocks, 6n+2 with basic ones), widening ``alpha``;
+    ``official_bn_updates``: the official OFD code's second BN update per step (module docstring)."""
     for name, v, low in (("depth", depth, 8), ("in_channels", in_channels, 1), ("num_classes", num_classes, 1)):
         check_number(v, f"pyramidnet.{name}", integer=True, ge=low)
-    if not isinstance(bottleneck, bool):
-        raise ConfigError(f"pyramidnet.bottleneck: expected true or false, got {bottleneck!r}")
+    for name, flag in (("bottleneck", bottleneck), ("official_bn_updates", official_bn_updates)):
+        if not isinstance(flag, bool):
+            raise ConfigError(f"pyramidnet.{name}: expected true or false, got {flag!r}")
     alpha = check_number(alpha, "pyramidnet.alpha", ge=0)
     step = 9 if bottleneck else 6
     if (depth - 2) % step:
@@ -181,16 +211,18 @@ def pyramidnet(
             f"pyramidnet: option depth={depth} is invalid for {kind} blocks; expected {step}n+2 "
             f"(e.g. {'164, 200, 272' if bottleneck else '110, 164, 200'})."
         )
-    return PyramidNet(depth, alpha, num_classes, bottleneck, in_channels)
+    return PyramidNet(depth, alpha, num_classes, bottleneck, in_channels, official_bn_updates)
 
 
 @MODELS.register("pyramidnet-110-84")
-def pyramidnet_110_84(num_classes: int, in_channels: int = 3) -> PyramidNet:
+def pyramidnet_110_84(num_classes: int, in_channels: int = 3, official_bn_updates: bool = False) -> PyramidNet:
     """PyramidNet-110, alpha 84, basic blocks (OFD setting (f) student)."""
-    return pyramidnet(num_classes, depth=110, alpha=84, bottleneck=False, in_channels=in_channels)
+    return pyramidnet(num_classes, depth=110, alpha=84, bottleneck=False, in_channels=in_channels,
+                      official_bn_updates=official_bn_updates)
 
 
 @MODELS.register("pyramidnet-200-240")
-def pyramidnet_200_240(num_classes: int, in_channels: int = 3) -> PyramidNet:
+def pyramidnet_200_240(num_classes: int, in_channels: int = 3, official_bn_updates: bool = False) -> PyramidNet:
     """PyramidNet-200, alpha 240, bottleneck blocks (OFD settings (e), (f) teacher)."""
-    return pyramidnet(num_classes, depth=200, alpha=240, bottleneck=True, in_channels=in_channels)
+    return pyramidnet(num_classes, depth=200, alpha=240, bottleneck=True, in_channels=in_channels,
+                      official_bn_updates=official_bn_updates)

@@ -11,6 +11,15 @@ output: ``block2.layer[0].bn1``, ``block3.layer[0].bn1`` and the final ``bn1``. 
 computed once, in the normal forward pass, and their outputs are the stage features, so
 ``stage_bns`` is exact: in train mode each stage feature has per-channel batch mean beta and
 std |gamma|.
+
+``official_bn_updates=True`` reproduces a side effect of the official ``extract_feature``
+(CIFAR-100/models/WideResNet.py; reference/ofd.md gotcha G12): it runs the normal forward and
+then applies those three BNs a second time to the group outputs, so in training mode their
+running statistics take two momentum updates per step with the same batch statistics
+(``r <- (1 - m)^2 r + (1 - (1 - m)^2) s``, an effective momentum of 0.19 for m = 0.1).
+Here ``forward_features`` then re-runs the three BNs on the same inputs without autograd (the
+outputs are identical in training mode, so features, losses and gradients do not change);
+``forward`` (plain training, evaluation) updates each BN once, as the official ``forward``.
 """
 from __future__ import annotations
 
@@ -21,6 +30,17 @@ from torch import nn
 from ..errors import ConfigError
 from ..registry import check_number
 from .base import MODELS, FeatureModel, Features, kaiming_init
+
+
+def update_bn_again(calls) -> None:
+    """Run each ``(bn, fn)`` again: ``fn()`` without autograd, when ``bn`` (the last BN of the
+    expression) is in training mode. The output is discarded; what remains is one more momentum
+    update of the running statistics of every BN ``fn`` applies (the official OFD code's
+    ``extract_feature``; see the module docstring)."""
+    with torch.no_grad():
+        for bn, fn in calls:
+            if bn.training and bn.track_running_stats:
+                fn()
 
 
 class WideBasic(nn.Module):
@@ -81,10 +101,13 @@ class WideResNet(FeatureModel):
     Features: stages = [block2.layer[0].bn1(g1), block3.layer[0].bn1(g2), bn1(g3)], channels
     [16k, 32k, 64k]; embedding = globally pooled ReLU(bn1(g3)) (64k); extra["block"] = the group
     outputs g1, g2, g3 (the residual stream, OFD Table 1's "block" position, AT's position).
+    ``official_bn_updates``: see the module docstring.
     """
 
-    def __init__(self, depth: int, widen_factor: int, num_classes: int, dropout: float = 0.0, in_channels: int = 3):
+    def __init__(self, depth: int, widen_factor: int, num_classes: int, dropout: float = 0.0, in_channels: int = 3,
+                 official_bn_updates: bool = False):
         super().__init__()
+        self.official_bn_updates = official_bn_updates
         n = (depth - 4) // 6
         widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
@@ -97,7 +120,19 @@ class WideResNet(FeatureModel):
         kaiming_init(self)
         nn.init.zeros_(self.fc.bias)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits; every BN updates its running statistics once (the official ``forward``)."""
+        return self._features(x).logits
+
     def forward_features(self, x: torch.Tensor) -> Features:
+        feats = self._features(x)
+        if self.official_bn_updates:
+            g1, g2, g3 = feats.extra["block"]
+            bn_a, bn_b = self.block2.layer[0].bn1, self.block3.layer[0].bn1
+            update_bn_again([(bn_a, lambda: bn_a(g1)), (bn_b, lambda: bn_b(g2)), (self.bn1, lambda: self.bn1(g3))])
+        return feats
+
+    def _features(self, x: torch.Tensor) -> Features:
         g1 = self.block1(self.conv1(x))
         p1 = self.block2.layer[0].entry(g1)
         g2 = self.block2(g1, p1)
@@ -114,28 +149,34 @@ class WideResNet(FeatureModel):
         return [self.block2.layer[0].bn1, self.block3.layer[0].bn1, self.bn1]
 
 
-def _check(depth, widen_factor, dropout, in_channels, num_classes) -> None:
+def _check(depth, widen_factor, dropout, in_channels, num_classes, official_bn_updates=False) -> None:
     check_number(depth, "wrn.depth", integer=True, ge=10)
     if (depth - 4) % 6:
         raise ConfigError(f"wrn: option depth={depth!r} is invalid; expected 6n+4 with n >= 1 (10, 16, 22, 28, 40).")
     check_number(widen_factor, "wrn.widen_factor", integer=True, ge=1)
     check_number(dropout, "wrn.dropout", ge=0, lt=1)
+    if not isinstance(official_bn_updates, bool):
+        raise ConfigError(f"wrn.official_bn_updates: expected true or false, got {official_bn_updates!r}")
     for name, v in (("in_channels", in_channels), ("num_classes", num_classes)):
         check_number(v, f"wrn.{name}", integer=True, ge=1)
 
 
 @MODELS.register("wrn")
 def wrn(
-    num_classes: int, depth: int = 28, widen_factor: int = 4, dropout: float = 0.0, in_channels: int = 3
+    num_classes: int, depth: int = 28, widen_factor: int = 4, dropout: float = 0.0, in_channels: int = 3,
+    official_bn_updates: bool = False,
 ) -> WideResNet:
-    """WRN-depth-widen_factor; ``dropout`` between the two convs of a unit (0 in OFD)."""
-    _check(depth, widen_factor, dropout, in_channels, num_classes)
-    return WideResNet(depth, widen_factor, num_classes, float(dropout), in_channels)
+    """WRN-depth-widen_factor; ``dropout`` between the two convs of a unit (0 in OFD);
+    ``official_bn_updates``: the official OFD code's second BN update per step (module docstring)."""
+    _check(depth, widen_factor, dropout, in_channels, num_classes, official_bn_updates)
+    return WideResNet(depth, widen_factor, num_classes, float(dropout), in_channels, official_bn_updates)
 
 
 def _preset(depth: int, widen_factor: int):
-    def build(num_classes: int, dropout: float = 0.0, in_channels: int = 3) -> WideResNet:
-        return wrn(num_classes, depth=depth, widen_factor=widen_factor, dropout=dropout, in_channels=in_channels)
+    def build(num_classes: int, dropout: float = 0.0, in_channels: int = 3,
+              official_bn_updates: bool = False) -> WideResNet:
+        return wrn(num_classes, depth=depth, widen_factor=widen_factor, dropout=dropout, in_channels=in_channels,
+                   official_bn_updates=official_bn_updates)
 
     build.__doc__ = f"WRN-{depth}-{widen_factor}."
     return build
