@@ -152,3 +152,120 @@ def test_official_bn_updates_option_checked_and_on_the_presets():
         build_model("wrn-16-2", 10, official_bn_updates="often")
     with pytest.raises(ConfigError, match="official_bn_updates"):
         pyramidnet(10, depth=8, official_bn_updates=1)
+
+
+# ----------------------------------------------------------------------------- AD: per-class Adams
+
+
+class _Reverse(torch.autograd.Function):
+    """The official ``ReverseLayerF``: identity forward, gradient times -lambda."""
+
+    @staticmethod
+    def forward(ctx, x, lam):
+        ctx.lam = lam
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.neg() * ctx.lam, None
+
+
+# classes 2 and 3 first appear in batch 1; 3 is absent from batches 2, 3 and 5; 0 from 1 and 3
+AD_BATCHES = [[0, 1, 1, 0, 1, 0], [1, 2, 3, 2, 1, 3], [0, 0, 2, 1, 2, 1], [2, 2, 2, 1, 2, 1],
+              [0, 1, 2, 3, 3, 0], [1, 1, 2, 1, 0, 2]]
+
+
+def _ad_runs(absent_class: str, lam=2.0, lr=3e-3):
+    """(ours, official) after every batch of AD_BATCHES: classifier + adversary parameters and the
+    adversaries' Adam step counts. Official: trainer/adv_debiasing.py with K MLPs and K Adams;
+    ``zero_grad`` sets gradients to None (PyTorch >= 2.0) for ``skip``, zeroes them (PyTorch 1.6)
+    for ``step``."""
+    from fairdistill.methods.adversary import Adversary
+    from fairdistill.methods.base import SetupContext, TermInput
+    from fairdistill.models.base import Features
+
+    torch.manual_seed(0)
+    k, groups, d = 4, 2, 5
+    clf = nn.Linear(d, k).double()
+    term = Adversary(grl_lambda=lam, hidden=6, lr=lr, absent_class=absent_class)
+    z0 = torch.zeros(2, k, dtype=torch.float64)
+    term.setup(SetupContext(teacher=None, student_features=Features(z0, [], z0), teacher_features=None,
+                            num_classes=k, num_groups=groups, device=torch.device("cpu")))
+    term.double().train()
+    ref_clf, ref_mlps = copy.deepcopy(clf), [copy.deepcopy(m) for m in term.adversaries.mlps]
+    opts = [torch.optim.Adam(clf.parameters(), lr=1e-3), torch.optim.Adam(term.parameters(), lr=lr, weight_decay=0.0)]
+    ref_opt = torch.optim.Adam(ref_clf.parameters(), lr=1e-3)
+    ref_adv_opts = [torch.optim.Adam(m.parameters(), lr=lr) for m in ref_mlps]
+    gen = torch.Generator().manual_seed(1)
+    ours_hist, ref_hist = [], []
+    for labels in AD_BATCHES:
+        x = torch.randn(len(labels), d, generator=gen, dtype=torch.float64)
+        y, g = torch.tensor(labels), torch.randint(0, groups, (len(labels),), generator=gen)
+        # ours, as engine/step.py: one loss, zero_grad(set_to_none=True), backward, every optimizer steps
+        logits = clf(x)
+        loss = F.cross_entropy(logits, y) + term(TermInput(x=x, y=y, g=g, student=Features(logits, [], logits),
+                                                            teacher=None))
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        for o in opts:
+            o.step()
+        # official
+        outputs = ref_clf(x)
+        adv_loss = 0
+        for c in range(k):
+            if (y == c).sum() == 0:
+                continue
+            adv_loss = adv_loss + F.cross_entropy(ref_mlps[c](_Reverse.apply(outputs[y == c].clone(), lam)), g[y == c])
+        ref_loss = F.cross_entropy(outputs, y) + adv_loss
+        ref_opt.zero_grad()
+        for o in ref_adv_opts:
+            o.zero_grad(set_to_none=absent_class == "skip")
+        ref_loss.backward()
+        ref_opt.step()
+        for o in ref_adv_opts:
+            o.step()
+
+        def steps(opt, params):
+            return [int(opt.state[p]["step"]) if p in opt.state else 0 for p in params]
+
+        ours_hist.append(([p.detach().clone() for p in [*clf.parameters(), *term.parameters()]],
+                          [steps(opts[1], list(m.parameters())) for m in term.adversaries.mlps]))
+        ref_hist.append(([p.detach().clone() for p in [*ref_clf.parameters(), *(q for m in ref_mlps for q in m.parameters())]],
+                         [steps(o, list(m.parameters())) for o, m in zip(ref_adv_opts, ref_mlps)]))
+    return ours_hist, ref_hist
+
+
+@pytest.mark.parametrize("absent_class", ["skip", "step"])
+def test_adversary_adam_equals_one_official_adam_per_class(absent_class):
+    ours, ref = _ad_runs(absent_class)
+    for t, ((p_ours, s_ours), (p_ref, s_ref)) in enumerate(zip(ours, ref)):
+        assert s_ours == s_ref, f"batch {t}: step counts {s_ours} vs official {s_ref}"
+        for a, b in zip(p_ours, p_ref):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=f"batch {t}")
+    # the counts by hand: class 0 is in batches 0, 2, 4, 5; 2 in 1-5; 3 in 1 and 4 only
+    last_counts = [c[0] for c in ours[-1][1]]
+    assert last_counts == ([4, 6, 5, 2] if absent_class == "skip" else [6, 6, 5, 5])
+
+
+def test_absent_adversary_is_untouched_with_skip_and_moves_with_step():
+    for absent_class, moves in (("skip", False), ("step", True)):
+        hist, _ = _ad_runs(absent_class)
+        # adversary 3's parameters are the last 4 tensors; batch 2 lacks class 3 (seen in batch 1)
+        before, after = hist[1][0][-4:], hist[2][0][-4:]
+        assert any(not torch.equal(a, b) for a, b in zip(before, after)) == moves
+        # before its first appearance (batch 0) adversary 3 is never stepped
+        assert hist[0][1][3] == [0, 0, 0, 0]
+
+
+def test_adversary_loss_keeps_the_scores_dtype():
+    from fairdistill.methods.adversary import adversary_loss
+
+    scores = torch.randn(6, 2, dtype=torch.float64)
+    y, g = torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([0, 1, 0, 1, 0, 1])
+    loss = adversary_loss(scores, g, y, 3)
+    assert loss.dtype == torch.float64
+    ce = F.cross_entropy(scores, g, reduction="none")
+    torch.testing.assert_close(loss, ce.view(3, 2).mean(1).sum(), rtol=0, atol=1e-15)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert adversary_loss(scores.float(), g, y, 3).dtype == torch.float32

@@ -15,14 +15,15 @@ from fairdistill.models.base import Features
 def loop_adversaries(batched: ClasswiseAdversaries):
     """K separate Linear -> ReLU -> Linear MLPs holding copies of the batched weights."""
     mlps = []
-    for k in range(batched.weight1.shape[0]):
-        first = nn.Linear(batched.weight1.shape[2], batched.weight1.shape[1])
-        second = nn.Linear(batched.weight2.shape[2], batched.weight2.shape[1])
+    for k in range(len(batched.mlps)):
+        src = batched.mlps[k]
+        first = nn.Linear(src[0].in_features, src[0].out_features)
+        second = nn.Linear(src[2].in_features, src[2].out_features)
         with torch.no_grad():
-            first.weight.copy_(batched.weight1[k])
-            first.bias.copy_(batched.bias1[k])
-            second.weight.copy_(batched.weight2[k])
-            second.bias.copy_(batched.bias2[k])
+            first.weight.copy_(src[0].weight)
+            first.bias.copy_(src[0].bias)
+            second.weight.copy_(src[2].weight)
+            second.bias.copy_(src[2].bias)
         mlps.append(nn.Sequential(first, nn.ReLU(), second))
     return mlps
 
@@ -59,8 +60,9 @@ def test_batched_adversaries_match_loop():
 def test_init_matches_linear_bounds():
     torch.manual_seed(1)
     adv = ClasswiseAdversaries(3, in_features=16, hidden=32, out_features=2)
-    assert adv.weight1.abs().max() <= 1 / 16**0.5 and adv.bias1.abs().max() <= 1 / 16**0.5
-    assert adv.weight2.abs().max() <= 1 / 32**0.5 and adv.bias2.abs().max() <= 1 / 32**0.5
+    for mlp in adv.mlps:
+        assert mlp[0].weight.abs().max() <= 1 / 16**0.5 and mlp[0].bias.abs().max() <= 1 / 16**0.5
+        assert mlp[2].weight.abs().max() <= 1 / 32**0.5 and mlp[2].bias.abs().max() <= 1 / 32**0.5
 
 
 def test_loss_is_sum_of_per_class_means():
@@ -110,8 +112,8 @@ def test_term_gradients_reversed_for_student_ordinary_for_adversary():
     assert torch.allclose(loss, ref, atol=1e-6)
     assert torch.allclose(logits.grad, -2.0 * plain_logits.grad, atol=1e-6)
     for k, mlp in enumerate(mlps):
-        assert torch.allclose(term.adversaries.weight1.grad[k], mlp[0].weight.grad, atol=1e-6)
-        assert torch.allclose(term.adversaries.bias2.grad[k], mlp[2].bias.grad, atol=1e-6)
+        assert torch.allclose(term.adversaries.mlps[k][0].weight.grad, mlp[0].weight.grad, atol=1e-6)
+        assert torch.allclose(term.adversaries.mlps[k][2].bias.grad, mlp[2].bias.grad, atol=1e-6)
 
 
 def test_term_optimizer_spec_and_errors():
@@ -126,5 +128,6 @@ def test_term_optimizer_spec_and_errors():
     with pytest.raises(ConfigError, match="at least 2 groups"):
         _setup_term(Adversary(), num_groups=1)
     term = _setup_term(Adversary(), num_classes=4, num_groups=3)
-    assert tuple(term.adversaries.weight1.shape) == (4, 32, 4)
-    assert tuple(term.adversaries.weight2.shape) == (4, 3, 32)
+    assert len(term.adversaries.mlps) == 4
+    assert tuple(term.adversaries.mlps[0][0].weight.shape) == (32, 4)
+    assert tuple(term.adversaries.mlps[3][2].weight.shape) == (3, 32)

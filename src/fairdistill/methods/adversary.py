@@ -9,9 +9,7 @@ odds rather than demographic parity.
 """
 from __future__ import annotations
 
-import math
-
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,35 +39,47 @@ def reverse_gradient(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
 
 
 class ClasswiseAdversaries(nn.Module):
-    """``num_adversaries`` two-layer MLPs Linear(in, hidden) -> ReLU -> Linear(hidden, out), kept
-    as stacked weights; sample i is scored by adversary ``index[i]`` in one batched pass.
+    """``num_adversaries`` two-layer MLPs Linear(in, hidden) -> ReLU -> Linear(hidden, out), the
+    official ``networks/mlp.py`` (0fb86d7) structure, each with its own parameter tensors
+    (``mlps[k]``, initialised by nn.Linear, in the official creation order), so that one
+    per-parameter optimizer keeps per-adversary state exactly as the official K Adam instances.
 
-    Weights are stored as nn.Linear stores them, (K, out, in), and initialised like nn.Linear:
-    uniform in +-1/sqrt(fan_in) for weights and biases.
+    ``forward(x, index, classes)`` scores sample i by adversary ``index[i]`` in one batched pass
+    over the weights of the adversaries in ``classes`` stacked for this call; the adversaries not
+    in ``classes`` take no part in the autograd graph, so their gradients stay None and Adam
+    neither moves them nor advances their step count.
     """
 
     def __init__(self, num_adversaries: int, in_features: int, hidden: int, out_features: int):
         super().__init__()
-        self.weight1 = nn.Parameter(torch.empty(num_adversaries, hidden, in_features))
-        self.bias1 = nn.Parameter(torch.empty(num_adversaries, hidden))
-        self.weight2 = nn.Parameter(torch.empty(num_adversaries, out_features, hidden))
-        self.bias2 = nn.Parameter(torch.empty(num_adversaries, out_features))
-        for w, b, fan_in in ((self.weight1, self.bias1, in_features), (self.weight2, self.bias2, hidden)):
-            bound = 1.0 / math.sqrt(fan_in)
-            nn.init.uniform_(w, -bound, bound)
-            nn.init.uniform_(b, -bound, bound)
+        self.mlps = nn.ModuleList(
+            nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, out_features))
+            for _ in range(num_adversaries)
+        )
 
-    def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Scores (B, out) of each row of ``x`` (B, in) by adversary ``index`` (B,)."""
-        h = torch.relu(torch.einsum("bi,bhi->bh", x, self.weight1[index]) + self.bias1[index])
-        return torch.einsum("bh,boh->bo", h, self.weight2[index]) + self.bias2[index]
+    def forward(self, x: torch.Tensor, index: torch.Tensor, classes: list[int] | None = None) -> torch.Tensor:
+        """Scores (B, out) of each row of ``x`` (B, in) by adversary ``index`` (B,); ``classes``
+        (default: the distinct values of ``index``, one host sync) are the adversaries in the
+        graph and must include every value of ``index``."""
+        if classes is None:
+            classes = torch.unique(index).tolist()
+        slot = torch.full((len(self.mlps),), -1, dtype=torch.long, device=index.device)
+        slot[classes] = torch.arange(len(classes), device=index.device)
+        local = slot[index]
+        first = [self.mlps[k][0] for k in classes]
+        second = [self.mlps[k][2] for k in classes]
+        w1, b1 = torch.stack([m.weight for m in first])[local], torch.stack([m.bias for m in first])[local]
+        w2, b2 = torch.stack([m.weight for m in second])[local], torch.stack([m.bias for m in second])[local]
+        h = torch.relu(torch.einsum("bi,bhi->bh", x, w1) + b1)
+        return torch.einsum("bh,boh->bo", h, w2) + b2
 
 
 def adversary_loss(group_logits: torch.Tensor, groups: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Sum over the classes present in the batch of the mean group cross-entropy of that class's
     samples: sum_c mean_{i: y_i = c} CE(a_c(z_i), g_i), as the official trainer sums its
-    per-adversary ``CrossEntropyLoss()`` means. Equal to sum_i CE_i / n_{y_i}."""
-    ce = F.cross_entropy(group_logits.float(), groups, reduction="none")
+    per-adversary ``CrossEntropyLoss()`` means. Equal to sum_i CE_i / n_{y_i}. Computed in the
+    scores' dtype (float32 under autocast, where cross-entropy runs in float32)."""
+    ce = F.cross_entropy(group_logits, groups, reduction="none")
     counts = torch.bincount(labels, minlength=num_classes).to(ce.dtype)
     return (ce / counts[labels]).sum()
 
@@ -83,10 +93,22 @@ class Adversary(Term):
     gradient of ``weight * loss``. In the official code the loss enters with weight 1 and
     ``--adv-lambda`` (the GRL scale) is the only strength; since Adam is invariant to the scale
     of the adversaries' own gradient, ``weight=1, grl_lambda=lambda`` reproduces that run.
-    Reads only the student's logits. The adversaries have their own Adam optimizer; the official
+    Reads only the student's logits. The adversaries have their own Adam optimizer, one state per
+    parameter tensor of each adversary, so it equals the official one Adam per class; the official
     code additionally stepped a ReduceLROnPlateau per adversary on its test loss (not done here:
-    a trainer matter). With one stacked optimizer, Adam's moments still move the weights of a
-    class absent from a batch, where the official per-class optimizers saw a zero gradient too.
+    a trainer matter; docs/fidelity.md).
+
+    A class absent from a batch contributes no loss, and the official per-class Adams then
+    behave as PyTorch's ``zero_grad`` leaves the gradients (``absent_class``):
+    ``skip`` (default): the absent class's adversary is not stepped at all (parameters, moments
+    and step count unchanged): the official code under PyTorch >= 2.0, whose ``zero_grad`` sets
+    gradients to None. ``step``: once its class has appeared in some batch, an absent class's
+    adversary takes an Adam step on a zero gradient (moments decay, the parameters still move,
+    the count advances); before its first appearance it is not stepped: the official code under
+    PyTorch 1.6 (the MFD README's version), whose ``zero_grad`` zeroes gradients in place. Which
+    classes have appeared is the buffer ``seen`` (checkpointed). Both are exact for one process;
+    under DDP a class counts as present when it is in any process's batch (for ``skip``: DDP
+    fills the gradient of a parameter used by another process), and ``seen`` is per process.
 
     Options:
         grl_lambda: gradient-reversal scale (> 0); official ``--adv-lambda``, default 2.0.
@@ -94,15 +116,18 @@ class Adversary(Term):
         lr:         learning rate of the adversaries' Adam (> 0, no weight decay, other Adam
                     settings as the stage's). Default 0.003, the value the MFD supplement
                     states; the official code's default ``--eta`` was 3e-4.
+        absent_class: "skip" or "step", the update of an adversary whose class is absent
+                    from the batch (above).
     """
 
+    tasks = ("classification",)
     needs_teacher = False
     needs_features = False
 
     def __init__(self, grl_lambda: Annotated[float, Range(gt=0)] = 2.0, hidden: Annotated[int, Range(ge=1)] = 32,
-                 lr: Annotated[float, Range(gt=0)] = 0.003):
+                 lr: Annotated[float, Range(gt=0)] = 0.003, absent_class: Literal["skip", "step"] = "skip"):
         super().__init__()
-        self.grl_lambda, self.hidden = grl_lambda, hidden
+        self.grl_lambda, self.hidden, self.absent_class = grl_lambda, hidden, absent_class
         self.optimizer = {"name": "adam", "lr": lr, "weight_decay": 0.0}
         self.num_classes = 0
         self.adversaries: ClasswiseAdversaries | None = None
@@ -118,7 +143,16 @@ class Adversary(Term):
         self.adversaries = ClasswiseAdversaries(ctx.num_classes, in_features, self.hidden, ctx.num_groups).to(
             ctx.device
         )
+        self.register_buffer("seen", torch.zeros(ctx.num_classes, dtype=torch.bool, device=ctx.device))
 
     def forward(self, inp: TermInput) -> torch.Tensor:
+        present = torch.bincount(inp.y, minlength=self.num_classes) > 0
+        if self.absent_class == "step":
+            if self.training and torch.is_grad_enabled():
+                self.seen |= present
+            present = present | self.seen
+        classes = present.nonzero()[:, 0].tolist()
+        if not classes:  # an empty batch (a process's share of a short last batch)
+            return inp.student.logits.sum() * 0.0
         z = reverse_gradient(inp.student.logits, self.grl_lambda)
-        return adversary_loss(self.adversaries(z, inp.y), inp.g, inp.y, self.num_classes)
+        return adversary_loss(self.adversaries(z, inp.y, classes), inp.g, inp.y, self.num_classes)
