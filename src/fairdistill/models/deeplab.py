@@ -33,7 +33,7 @@ from ..errors import ConfigError
 from .base import MODELS, FeatureModel, Features
 from .deeplab_head import ASPP, ASPP_RATES, Decoder, upsample
 from .mobilenetv2 import MobileNetV2Backbone
-from .pretrained import load_backbone_weights
+from .weights import load_backbone_weights
 from .resnet_dilated import DilatedResNet, check_output_stride, dilated_resnet18, dilated_resnet101
 from .resnet_imagenet import BasicBlock
 

@@ -181,6 +181,11 @@ class SSD(FeatureModel):
         self.stage_channels = list(trunk.stage_channels) + [e.out_channels for e in layers]
         self.source_channels = sources
 
+    @property
+    def image_size(self) -> int:
+        """The side of the square inputs the detector takes (its priors' geometry)."""
+        return self.prior_config.image_size
+
     def stage_bns(self) -> list[nn.Module | None]:
         return list(self.backbone.stage_bns()) + [e.last_bn for e in self.extras]
 
@@ -229,7 +234,7 @@ def _trunk(backbone: str, backbone_weights: str | None) -> nn.Module:
     else:
         raise ConfigError(f"model option backbone: unknown value {backbone!r}; expected one of {', '.join(BACKBONES)}.")
     if backbone_weights is not None:
-        from .pretrained import load_backbone_weights
+        from .weights import load_backbone_weights
 
         load_backbone_weights(trunk.body, backbone_weights, ignore=trunk.IGNORED_KEYS)
     return trunk
