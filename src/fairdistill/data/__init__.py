@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..errors import ConfigError
 from ..registry import check_options
 from . import (  # noqa: F401  (register builders)
-    celeba, cifar, coco_det, digits, digits_dense, imagefolder, utkface, voc_det, voc_seg,
+    celeba, cifar, coco_det, digits, digits_dense, imagecsv, imagefolder, utkface, voc_det, voc_seg,
 )
 from .base import DATASETS, ImageDataset
 from .loader import BatchLoader
