@@ -11,12 +11,12 @@ TORCH ?= torch==2.13.0
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: $(PY) pyproject.toml
+$(VENV)/.installed: $(PY) pyproject.toml setup.py
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml setup.py
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+from ..packaged import find_file
+from ..plugins import import_plugins
 from .files import apply_overrides, deep_merge, dump_yaml, parse_override, read_yaml, safe_load
 from .presets import PRESETS, attach_unstaged_terms, expand_method
 from .schema import (RESUMABLE, DataConfig, ModelConfig, OptimConfig, RunConfig, ScheduleConfig, StageConfig,
@@ -34,8 +36,11 @@ def resolve(data: dict, overrides: list[str] = ()) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), data: dict | None = None) -> RunConfig:
-    """Read ``path`` (or use ``data``), apply presets and overrides, validate, and return a RunConfig."""
-    raw = read_yaml(path) if path is not None else copy.deepcopy(data or {})
+    """Read ``path`` (or use ``data``), import its ``plugins``, apply presets and overrides,
+    validate, and return a RunConfig. A ``path`` that does not exist is looked up among the
+    packaged configs (``fairdistill.packaged``: ``cifar10s/mfd``)."""
+    raw = read_yaml(find_file(path)) if path is not None else copy.deepcopy(data or {})
+    import_plugins(apply_overrides(raw, list(overrides)).get("plugins"))
     if path is not None and not raw.get("name"):
         raw["name"] = Path(path).stem
     cfg = from_dict(RunConfig, resolve(raw, overrides))
