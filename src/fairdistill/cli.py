@@ -1,4 +1,4 @@
-"""Command-line interface: ``fairdistill train | config | eval | demo | sweep | report | tsne``."""
+"""Command-line interface: ``fairdistill train | config | eval | demo | sweep | report | tsne | plot``."""
 from __future__ import annotations
 
 import argparse
@@ -92,6 +92,16 @@ def cmd_tsne(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from pathlib import Path
+
+    from .plots import training_curves
+
+    out = args.out or (Path(args.run_dirs[0]) / "curves.png" if len(args.run_dirs) == 1 else Path("curves.png"))
+    print(f"written: {training_curves(args.run_dirs, out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fairdistill", description="Knowledge distillation with accuracy and group fairness.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -142,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--random-state", type=int, default=None, help="default 5 (the supplement)")
     ts.add_argument("--device", default=None, help="override the run's device (cpu, cuda)")
     ts.set_defaults(func=cmd_tsne)
+
+    pl = sub.add_parser("plot", help="training curves (loss parts, accuracy, DEO_A, DEO_M per epoch) of runs as PNG")
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (several overlay)")
+    pl.add_argument("--out", default=None, help="PNG file (default RUN_DIR/curves.png for one run, else ./curves.png)")
+    pl.set_defaults(func=cmd_plot)
     return p
 
 

@@ -156,6 +156,39 @@ def describe_measure(spec: SweepSpec) -> str:
     return f"{what}; seeds {', '.join(map(str, spec.seeds))}{paper}."
 
 
+def _epochs_of(result: dict) -> str:
+    """``15``, or ``23 (hint 8 + main 15)`` for a run of several stages (``result["stages"]``)."""
+    stages = result.get("stages") or []
+    text = str(result.get("epochs", "?"))
+    if len(stages) > 1:
+        text += " (" + " + ".join(f"{s['name']} {s['epochs']}" for s in stages) + ")"
+    return text
+
+
+def describe_epochs(entries: list[TableRow]) -> str:
+    """One sentence saying how many epochs the finished runs trained, per row where they differ."""
+    per_row = {e.label: sorted({_epochs_of(r) for r in e.results}) for e in entries if e.results}
+    values = {v for vs in per_row.values() for v in vs}
+    if len(values) == 1:
+        return f"Every finished run trained {values.pop()} epochs."
+    common = max(values, key=lambda v: sum(vs == [v] for vs in per_row.values()))
+    others = [f"{label} {' or '.join(vs)}" for label, vs in per_row.items() if vs != [common]]
+    return f"Epochs per run: {common}, except {', '.join(others)}."
+
+
+def describe_time(results: list[dict]) -> str:
+    """The finished runs' summed time: training (``wall_time_s``) and start-up (``startup_s``:
+    imports, data, models and teacher before the first step), where the runs recorded it."""
+    train = sum(r.get("wall_time_s", 0.0) for r in results)
+    startup = [r["startup_s"] for r in results if r.get("startup_s") is not None]
+    text = f"Time summed over the {len(results)} finished runs: {format_seconds(train + sum(startup))}"
+    if len(startup) == len(results):
+        return text + f" (training {format_seconds(train)}, start-up {format_seconds(sum(startup))})."
+    return text + (f" (training {format_seconds(train)}; start-up recorded by {len(startup)} of them: "
+                   f"{format_seconds(sum(startup))})." if startup else " (training only: these runs did not record "
+                                                                            "their start-up).")
+
+
 def write_csv(path: Path, records: list[dict]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(records[0]) if records else ["method"], lineterminator="\n")
@@ -185,8 +218,7 @@ def write_report(folder: str | Path, plot: bool = True) -> tuple[str, list[Path]
                       f"wall time {format_seconds(st['wall_s'])}, {st['jobs']} at a time on {st['cpus']} CPU(s)."]
     done = [r for e in entries for r in e.results]
     if done:
-        parts.append(f"Training time summed over the {len(done)} finished runs: "
-                     f"{format_seconds(sum(r.get('wall_time_s', 0.0) for r in done))}.")
+        parts += [describe_epochs(entries), describe_time(done)]
     files = [folder / "report.md", folder / "report.csv"]
     note = ""
     if plot and any(len(r.get("group_names") or []) > 1 for r in done):

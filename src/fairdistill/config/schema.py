@@ -135,13 +135,15 @@ class RunConfig:
     amp: Literal["off", "bf16", "fp16"] = "off"  #: mixed precision (fp16 uses a GradScaler)
     channels_last: bool = False  #: NHWC memory layout for models and inputs
     compile: bool = False  #: torch.compile the student's and teacher's forwards
+    loggers: list[Literal["tensorboard", "csv", "wandb"]] = field(default_factory=list)  #: scalars per epoch (loggers.py)
+    save_predictions: bool = False  #: write predictions.csv (one row per test item) at the final epoch
 
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-RESUMABLE = ("progress", "device", "compile", "threads")
+RESUMABLE = ("progress", "device", "compile", "threads", "loggers", "save_predictions")
 """Config keys that may differ when a run is resumed (e.g. continue a CUDA run on the CPU)."""
 
 
