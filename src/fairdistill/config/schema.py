@@ -33,6 +33,12 @@ class DataConfig:
     drop_last: bool = True  #: drop the last incomplete training batch
     padding: NonNegInt = 0  #: reflect-pad then random-crop augmentation (0: off)
     flip: bool = False  #: random horizontal flip augmentation
+    #: training crop (data/augment.py CropSpec): e.g. "random:176", "random_resized:224",
+    #: {kind: random_resized, size: 176, scale: [0.08, 1]}; null = none
+    crop: Union[str, dict, None] = None
+    #: evaluation crop of the test/val loaders: null, "center:S" or "resize:S" (deterministic)
+    eval_crop: Union[str, dict, None] = None
+    augment: dict = field(default_factory=dict)  #: dense tasks: joint image/target transforms (data/dense_augment.py)
 
 
 @dataclass
@@ -57,29 +63,47 @@ class TeacherConfig:
     checkpoint: str = ""
     model: Union[ModelConfig, None] = None
     bn_mode: Literal["eval", "train"] = "eval"
+    dropout: bool = False  #: dropout layers active in the teacher (the official segmentation recipe)
 
 
 @dataclass
 class OptimConfig:
-    """Optimizer: ``adam`` or ``sgd`` (momentum, optionally nesterov)."""
+    """Optimizer: ``adam`` or ``sgd`` (momentum, optionally nesterov).
+
+    ``lr_mult``: learning-rate multipliers of parameter groups, by name prefix: ``student.PATH``
+    (a module path of the student, e.g. ``student.aspp``) or ``terms.NAME`` (a term's modules);
+    the longest matching prefix wins, other parameters get 1 (e.g. the official DeepLab recipe:
+    backbone 1x, ``student.aspp``, ``student.decoder`` and ``terms.ofd`` 10x).
+    ``reset_at_milestones``: clear the stage's main optimizer state (momentum buffers, Adam
+    moments) at the start of each ``schedule.milestones`` epoch, as the official OFD CIFAR
+    script, which builds a new SGD at every learning-rate drop (multistep schedules in epochs).
+    """
 
     name: Literal["adam", "sgd"] = "adam"
     lr: Annotated[float, Range(gt=0)] = 1e-3
     momentum: Annotated[float, Range(ge=0)] = 0.9
     nesterov: bool = False
     weight_decay: Annotated[float, Range(ge=0)] = 0.0
+    lr_mult: dict[str, Annotated[float, Range(gt=0)]] = field(default_factory=dict)
+    reset_at_milestones: bool = False
 
 
 @dataclass
 class ScheduleConfig:
-    """Learning-rate schedule, stepped once per epoch.
+    """Learning-rate schedule.
 
-    ``none``; ``plateau`` (ReduceLROnPlateau on ``monitor``: ``test_loss`` as the MFD code, or
-    ``val_loss`` with a validation split); ``multistep`` (``milestones``, ``gamma``);
-    ``cosine`` (to ``min_lr`` over the stage's epochs).
+    ``none``; ``plateau`` (ReduceLROnPlateau on ``monitor``, stepped per epoch: ``test_loss`` as
+    the MFD code, or ``val_loss`` with a validation split); ``multistep`` (``milestones``,
+    ``gamma``); ``cosine`` (to ``min_lr``); ``poly`` (lr (1 - t/T)^``power``, the DeepLab
+    recipe). ``unit``: whether t, T and the milestones count epochs or iterations (steps);
+    ``span``: T covers the stage, or the whole run (every stage; the official segmentation code
+    counts its connector epoch in the poly schedule).
     """
 
-    name: Literal["none", "plateau", "multistep", "cosine"] = "none"
+    name: Literal["none", "plateau", "multistep", "cosine", "poly"] = "none"
+    unit: Literal["epoch", "iteration"] = "epoch"
+    span: Literal["stage", "run"] = "stage"
+    power: Annotated[float, Range(gt=0)] = 0.9
     monitor: Literal["test_loss", "val_loss"] = "test_loss"
     factor: Annotated[float, Range(gt=0, lt=1)] = 0.1
     patience: NonNegInt = 10
@@ -93,22 +117,35 @@ class StageConfig:
     """One training stage. Multi-stage recipes (FitNets hints, FT paraphraser, AB init) are lists.
 
     ``epochs``: epochs of this stage (None: the run's ``epochs``); ``epochs_scale``: instead, a
-    fraction of the run's ``epochs`` (e.g. 0.5 for MFD's FitNet hint stage). ``terms``: names of
-    the active terms (None: all). ``ce_weight``: weight of the cross-entropy on labels.
+    fraction of the run's ``epochs`` (e.g. 0.5 for MFD's FitNet hint stage); ``iterations``:
+    instead, a number of steps (the last pass over the data is cut short; e.g. SSD's
+    500-iteration connector stage). ``terms``: names of the active terms (None: all).
+    ``ce_weight``: weight of the task loss (cross-entropy; MultiBox for detection).
     ``train``: what is optimised: ``student`` and/or term names (None: the student and every
-    active term). ``optim`` / ``schedule``: overrides of the run's sections for this stage.
-    ``teacher_bn_mode``: overrides ``teacher.bn_mode`` in this stage (e.g. AB's initialisation).
+    active term). ``student_mode``: ``auto`` (train mode when the student is trained), or
+    ``train`` (BN statistics move although the student is not stepped: the official
+    segmentation connector epoch) or ``eval``. ``optim`` / ``schedule``: overrides of the run's
+    sections for this stage. ``teacher_bn_mode``: overrides ``teacher.bn_mode`` in this stage
+    (e.g. AB's initialisation). ``optimizer``: ``new`` optimizers, or ``continue`` the previous
+    stage's state (moments, step counts) for every parameter both stages train, with this
+    stage's settings (the official MFD FitNet's one Adam for both stages). ``evaluate``: false
+    skips the test (and val) evaluations of this stage's epochs (MFD's FitNet hint stage),
+    except at the end of the run.
     """
 
     name: str = "main"
     epochs: Union[NonNegInt, None] = None
     epochs_scale: Union[Annotated[float, Range(ge=0)], None] = None
+    iterations: Union[PosInt, None] = None
     terms: Union[list[str], None] = None
     ce_weight: Annotated[float, Range(ge=0)] = 1.0
     train: Union[list[str], None] = None
+    student_mode: Literal["auto", "train", "eval"] = "auto"
     optim: dict = field(default_factory=dict)
     schedule: dict = field(default_factory=dict)
     teacher_bn_mode: Union[Literal["eval", "train"], None] = None
+    optimizer: Literal["new", "continue"] = "new"
+    evaluate: bool = True
 
 
 @dataclass
@@ -121,6 +158,7 @@ class RunConfig:
     epochs: NonNegInt = 50
     device: str = "cpu"  #: cpu | cuda | cuda:N
     method: str = "scratch"  #: a preset or presets joined by '+', e.g. ``ss+hkd``
+    task: dict = field(default_factory=dict)  #: options of the data set's task (``fairdistill.tasks``)
     terms: dict = field(default_factory=dict)  #: term name -> {type, weight, weight_end, options...}
     stages: list[StageConfig] = field(default_factory=list)  #: empty: one main stage
     data: DataConfig = field(default_factory=DataConfig)
@@ -154,10 +192,11 @@ def config_changes(saved: RunConfig, now: RunConfig, ignore: tuple = ()) -> list
 
 
 def stage_list(cfg: RunConfig) -> list[StageConfig]:
-    """The run's stages with epochs resolved (one main stage when ``stages`` is empty)."""
+    """The run's stages with epochs resolved (one main stage when ``stages`` is empty); a stage
+    measured in ``iterations`` keeps ``epochs`` None (it depends on the loader's length)."""
     stages = [dataclasses.replace(s) for s in cfg.stages] or [StageConfig()]
     for st in stages:
-        if st.epochs is None:
+        if st.epochs is None and st.iterations is None:
             st.epochs = int(round(cfg.epochs * st.epochs_scale)) if st.epochs_scale is not None else cfg.epochs
     return stages
 

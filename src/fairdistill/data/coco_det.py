@@ -33,7 +33,7 @@ import torch
 from ..errors import DataError
 from ..registry import Range
 from .base import DATASETS
-from .dense import DenseDataset
+from .dense import DenseDataset, builds
 from .split import check_val_fraction
 from .voc_det import build_detection, read_groups
 
@@ -135,6 +135,7 @@ def read_instances(path: Path):
 
 
 @DATASETS.register("coco-det")
+@builds("detection")
 def coco_det(*, root, split: str = "train", seed: int = 0,
              train_annotations: str = "annotations/instances_train2017.json", train_images: str = "train2017",
              test_annotations: str = "annotations/instances_val2017.json", test_images: str = "val2017",

@@ -30,6 +30,19 @@ VOID = 255
 """Mask value of pixels that are ignored (VOC's object borders and ambiguous pixels)."""
 
 
+def builds(task: str):
+    """Decorator marking a data-set builder as one that builds ``task`` data ("segmentation" or
+    "detection"), so that the task of a config is known before any data is read."""
+    if task not in TASKS:
+        raise ValueError(f"unknown dense task {task!r}; expected one of {', '.join(TASKS)}")
+
+    def mark(builder):
+        builder.task = task
+        return builder
+
+    return mark
+
+
 def _as_long(values, n: int, what: str, name: str) -> torch.Tensor:
     out = torch.as_tensor(values, dtype=torch.long).reshape(-1)
     if out.numel() != n:

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from .base import DATASETS
 from .cifar import GROUP_NAMES, both_versions, check_skew, gray_and_colour, skewed_groups
-from .dense import VOID, DenseDataset, select_dense_split
+from .dense import VOID, DenseDataset, builds, select_dense_split
 from .digits import CHROMA, LAYOUT_SEED, LUMA_BACKGROUND, LUMA_STROKE, channel_stats, chroma_basis, split_mask
 from .split import check_val_fraction
 
@@ -236,6 +236,7 @@ def build(task: str, name: str, split: str, seed: int, skew, train_canvases, tes
 
 
 @DATASETS.register("digits-s-seg")
+@builds("segmentation")
 def digits_s_seg(*, root: str | None = None, split: str = "train", seed: int = 0, skew: float = 0.95,
                  train_canvases: int = 2000, test_canvases: int = 300, size: int = 64, noise: float = 0.05,
                  resample_every_epoch: bool = False, val_fraction: float = 0.0) -> DenseDataset:
@@ -252,6 +253,7 @@ def digits_s_seg(*, root: str | None = None, split: str = "train", seed: int = 0
 
 
 @DATASETS.register("digits-s-det")
+@builds("detection")
 def digits_s_det(*, root: str | None = None, split: str = "train", seed: int = 0, skew: float = 0.95,
                  train_canvases: int = 2000, test_canvases: int = 300, size: int = 64, noise: float = 0.05,
                  resample_every_epoch: bool = False, val_fraction: float = 0.0) -> DenseDataset:

@@ -48,7 +48,7 @@ from PIL import Image
 from ..errors import ConfigError, DataError
 from ..registry import Range
 from .base import DATASETS
-from .dense import DenseDataset
+from .dense import DenseDataset, builds
 from .group_csv import read_group_csv
 from .images import IMAGENET_MEAN, IMAGENET_STD, first_few
 from .split import check_val_fraction, split_positions
@@ -301,6 +301,7 @@ def read_groups(group_csv: str | None, ids: Sequence[str], key: str):
 
 
 @DATASETS.register("voc-det")
+@builds("detection")
 def voc_det(*, root, split: str = "train", seed: int = 0, train_sets: list[list[str]] | None = None,
             test_sets: list[list[str]] | None = None, keep_difficult: bool = False, group_csv: str | None = None,
             max_size: Annotated[int, Range(ge=1)] | None = None,

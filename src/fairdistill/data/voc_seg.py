@@ -43,7 +43,7 @@ from PIL import Image
 
 from ..errors import ConfigError, DataError
 from .base import DATASETS
-from .dense import DenseDataset
+from .dense import DenseDataset, builds
 from .group_csv import read_group_csv
 from .images import IMAGENET_MEAN, IMAGENET_STD, cache_folder, first_few
 from .split import check_val_fraction, split_positions
@@ -202,6 +202,7 @@ def check_folder(path: Path, what: str, expected: str) -> Path:
 
 
 @DATASETS.register("voc-seg")
+@builds("segmentation")
 def voc_seg(*, root: str, split: str = "train", seed: int = 0, sbd_root: str | None = None, trainaug: bool = False,
             aug_list: str = "trainaug.txt", group_csv: str | None = None, id_column: str = "id",
             group_column: str = "group", val_fraction: float = 0.0, cache: bool = False,

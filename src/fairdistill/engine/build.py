@@ -14,13 +14,14 @@ import torch
 from torch import nn
 
 from ..config import RunConfig
-from ..data import BatchLoader, ImageDataset, build_dataset
+from ..data import build_dataset
 from ..distributed import DistContext
 from ..errors import ConfigError
 from ..methods.base import SetupContext
 from ..methods.objective import Objective
 from ..models import FeatureModel, build_model
 from ..rundir import RunDir
+from ..tasks import TASKS, Task, task_of
 from .checkpoint import load_weights
 
 
@@ -57,16 +58,22 @@ def load_state(model: nn.Module, state: dict, where: str) -> None:
 # ----------------------------------------------------------------------------- data
 
 
+def build_task(cfg: RunConfig) -> Task:
+    """The task of ``cfg``'s data set with the config's ``task`` options."""
+    return TASKS.get(task_of(cfg.data.name))(**cfg.task)
+
+
 @dataclass
 class RunData:
-    """The data sets of a run and their loaders (batch sizes per process)."""
+    """The data sets of a run, their loaders (batch sizes per process) and the task."""
 
-    train_set: ImageDataset
-    test_set: ImageDataset
-    val_set: ImageDataset | None
-    train_loader: BatchLoader
-    test_loader: BatchLoader
-    val_loader: BatchLoader | None
+    task: Task
+    train_set: object
+    test_set: object
+    val_set: object | None
+    train_loader: object
+    test_loader: object
+    val_loader: object | None
 
     @property
     def num_classes(self) -> int:
@@ -79,6 +86,7 @@ class RunData:
 
 def build_data(cfg: RunConfig, device: torch.device, dist: DistContext) -> RunData:
     """Train, test (and with ``data.options.val_fraction`` val) sets and their loaders."""
+    task = build_task(cfg)
     d, ws = cfg.data, dist.world_size
     kwargs = dict(root=d.root, seed=cfg.seed, **d.options)
     train_set = build_dataset(d.name, split="train", **kwargs)
@@ -91,15 +99,13 @@ def build_data(cfg: RunConfig, device: torch.device, dist: DistContext) -> RunDa
         )
     if d.batch_size % ws:
         raise ConfigError(f"data.batch_size: the global batch {d.batch_size} must divide evenly over {ws} processes")
-    shard = dict(device=device, rank=dist.rank, world_size=ws)
-    train_loader = BatchLoader(  # batch sizes are per process: the global batch split evenly
-        train_set, d.batch_size // ws, sampler=d.sampler, drop_last=d.drop_last,
-        padding=d.padding, flip=d.flip, seed=cfg.seed, **shard,
-    )
+    shard = dict(cfg=cfg, device=device, seed=cfg.seed, rank=dist.rank, world_size=ws)
+    # batch sizes are per process: the global batch split evenly
+    train_loader = task.loader(train_set, d.batch_size // ws, train=True, **shard)
     eval_batch = max(d.eval_batch_size // ws, 1)
-    test_loader = BatchLoader(test_set, eval_batch, sampler="sequential", **shard)
-    val_loader = BatchLoader(val_set, eval_batch, sampler="sequential", **shard) if val_set else None
-    return RunData(train_set, test_set, val_set, train_loader, test_loader, val_loader)
+    test_loader = task.loader(test_set, eval_batch, train=False, **shard)
+    val_loader = task.loader(val_set, eval_batch, train=False, **shard) if val_set else None
+    return RunData(task, train_set, test_set, val_set, train_loader, test_loader, val_loader)
 
 
 # ----------------------------------------------------------------------------- models
@@ -140,7 +146,7 @@ def load_teacher(cfg: RunConfig, num_classes: int, device: torch.device) -> Feat
 class Reiterable:
     """Each iteration runs one fresh pass of ``loader.epoch(0)`` (unaugmented, in order)."""
 
-    def __init__(self, loader: BatchLoader):
+    def __init__(self, loader):
         self.loader = loader
 
     def __iter__(self):
@@ -148,13 +154,15 @@ class Reiterable:
 
 
 def setup_terms(objective: Objective, student: FeatureModel, teacher: FeatureModel | None, data: RunData,
-                batch_size: int, device: torch.device) -> None:
-    """Size and initialise the term modules from a dry forward of the first training items."""
+                cfg: RunConfig, device: torch.device) -> None:
+    """Size and initialise the term modules from a dry forward of the first training items
+    (with the evaluation transforms)."""
     if not len(objective.terms):
         return
-    train_set = data.train_set
+    train_set, batch_size, task = data.train_set, cfg.data.batch_size, data.task
     n = min(len(train_set), batch_size)
-    probe = BatchLoader(train_set.subset(torch.arange(n)), n, sampler="sequential", device=device)
+    settings = dict(train=False, cfg=cfg, device=device, seed=cfg.seed, rank=0, world_size=1)
+    probe = task.loader(train_set.subset(torch.arange(n)), n, **settings)
     x, _, _ = next(iter(probe.epoch(0)))
     student.eval()
     with torch.no_grad():
@@ -164,7 +172,7 @@ def setup_terms(objective: Objective, student: FeatureModel, teacher: FeatureMod
             teacher.eval()
             t_feat = teacher.forward_features(x)
     student.train()
-    train_batches = Reiterable(BatchLoader(train_set, batch_size, sampler="sequential", device=device))
+    train_batches = Reiterable(task.loader(train_set, batch_size, **settings))
     ctx = SetupContext(
         teacher=teacher, student_features=s_feat, teacher_features=t_feat, num_classes=data.num_classes,
         num_groups=data.num_groups, device=device, train_batches=train_batches, terms=dict(objective.terms.items()),
@@ -179,12 +187,18 @@ def setup_terms(objective: Objective, student: FeatureModel, teacher: FeatureMod
 
 @dataclass
 class RunModel:
-    """A run's model rebuilt from its folder, with its config and its test set."""
+    """A run's model rebuilt from its folder, with its config, task and test set."""
 
     cfg: RunConfig
     model: FeatureModel
-    test_set: ImageDataset
+    task: Task
+    test_set: object
     device: torch.device
+
+    def test_loader(self):
+        """The run's evaluation loader of its test set, on its device."""
+        return self.task.loader(self.test_set, self.cfg.data.eval_batch_size, train=False, cfg=self.cfg,
+                                device=self.device, seed=self.cfg.seed, rank=0, world_size=1)
 
 
 def load_run_model(path: str | Path, device: str | None = None) -> RunModel:
@@ -197,6 +211,7 @@ def load_run_model(path: str | Path, device: str | None = None) -> RunModel:
     dev = resolve_device(cfg.device)
     d = cfg.data
     test = build_dataset(d.name, root=d.root, split="test", seed=cfg.seed, **d.options)
-    model = build_model(cfg.model.name, test.num_classes, **cfg.model.options)
+    task = build_task(cfg)
+    model = build_model(cfg.model.name, task.num_outputs(test), **cfg.model.options)
     load_state(model, load_weights(run.checkpoint), f"{run.checkpoint}")
-    return RunModel(cfg, model.to(dev).eval(), test, dev)
+    return RunModel(cfg, model.to(dev).eval(), task, test, dev)

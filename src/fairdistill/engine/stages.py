@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from ..config import OptimConfig, RunConfig, ScheduleConfig, StageConfig, stage_list, stage_optim, stage_schedule
+from ..errors import ConfigError
+from ..registry import suggest
 from ..methods.objective import Objective
 
 
@@ -35,6 +37,20 @@ class Stage:
     def epochs(self) -> int:
         return self.cfg.epochs
 
+    def fit(self, steps_per_epoch: int) -> None:
+        """Resolve an iteration-measured stage to epochs: ceil(iterations / steps_per_epoch)."""
+        if self.cfg.iterations is not None:
+            self.cfg.epochs = -(-self.cfg.iterations // max(steps_per_epoch, 1))
+
+    def steps(self, epoch: int, steps_per_epoch: int) -> int:
+        """Steps of ``epoch`` (0-based): a full pass, or what is left of ``iterations``."""
+        if self.cfg.iterations is None:
+            return steps_per_epoch
+        return max(0, min(steps_per_epoch, self.cfg.iterations - epoch * steps_per_epoch))
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        return self.cfg.iterations if self.cfg.iterations is not None else self.epochs * steps_per_epoch
+
 
 def resolve_stages(cfg: RunConfig, objective: Objective) -> list[Stage]:
     """The run's stages (one main stage when ``stages`` is empty), epochs resolved."""
@@ -53,15 +69,45 @@ def resolve_stages(cfg: RunConfig, objective: Objective) -> list[Stage]:
 
 
 def make_optimizer(params, spec: OptimConfig) -> torch.optim.Optimizer:
+    """Adam or SGD over ``params`` (a list of tensors, or of parameter groups whose ``lr_mult``
+    scales ``spec.lr``)."""
+    if params and isinstance(params[0], dict):
+        params = [{**g, "lr": spec.lr * g.get("lr_mult", 1.0)} for g in params]
     if spec.name == "adam":
         return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
     return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov, weight_decay=spec.weight_decay)
 
 
-def scheduled_lr(spec: ScheduleConfig, base_lr: float, epoch: int, epochs: int) -> float:
-    """Learning rate of ``epoch`` (0-based, within the stage) for the stateless schedules."""
+def lr_groups(named: list[tuple[str, torch.nn.Parameter]], lr_mult: dict[str, float], key: str) -> list:
+    """``named`` parameters as plain tensors (no multipliers) or as groups by multiplier: each
+    parameter takes the multiplier of the longest ``lr_mult`` prefix of its name (1 without)."""
+    if not lr_mult:
+        return [p for _, p in named]
+    used, groups = set(), {}
+    for name, p in named:
+        match = max((k for k in lr_mult if name == k or name.startswith(k + ".")), key=len, default=None)
+        used.add(match)
+        groups.setdefault(1.0 if match is None else lr_mult[match], []).append(p)
+    unused = [k for k in lr_mult if k not in used]
+    if unused:
+        names = sorted({n.rsplit(".", 2)[0] for n, _ in named})
+        raise ConfigError(f"{key}: {unused[0]!r} names no trained parameter.{suggest(unused[0], names)} "
+                          "Prefixes are student.MODULE_PATH or terms.TERM_NAME.")
+    return [{"params": ps, "lr_mult": m} for m, ps in groups.items()]
+
+
+def scheduled_lr(spec: ScheduleConfig, base_lr: float, t: int, total: int) -> float:
+    """Learning rate at ``t`` of ``total`` (epochs or iterations, 0-based, as ``spec.unit`` and
+    ``spec.span`` say) for the stateless schedules: multistep (x gamma at each milestone),
+    cosine (to ``min_lr``), poly (base (1 - t/T)^power, DeepLab's ``LR_Scheduler('poly')``)."""
     if spec.name == "multistep":
-        return base_lr * spec.gamma ** sum(epoch >= m for m in spec.milestones)
+        return base_lr * spec.gamma ** sum(t >= m for m in spec.milestones)
     if spec.name == "cosine":
-        return spec.min_lr + (base_lr - spec.min_lr) * 0.5 * (1 + math.cos(math.pi * epoch / max(epochs, 1)))
+        return spec.min_lr + (base_lr - spec.min_lr) * 0.5 * (1 + math.cos(math.pi * t / max(total, 1)))
+    if spec.name == "poly":
+        return base_lr * max(0.0, 1 - t / max(total, 1)) ** spec.power
     return base_lr
+
+
+STATELESS = ("multistep", "cosine", "poly")
+"""Schedules whose learning rate is a function of the position only (set, not stepped)."""

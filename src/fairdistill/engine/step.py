@@ -10,6 +10,7 @@ from ..errors import TrainingError
 from ..methods.base import TermInput
 from ..methods.objective import Objective
 from ..models import FeatureModel, OutputsOnly
+from ..tasks import Task
 from .stages import Stage
 
 
@@ -47,28 +48,29 @@ class StudentStep(nn.Module):
     def forward(self, x, y, g, teacher_feat, stage: Stage, weights: dict, epoch: int):
         student_feat = forward(self.student, x, stage.needs_features)
         inp = TermInput(x=x, y=y, g=g, student=student_feat, teacher=teacher_feat, epoch=epoch)
-        loss, parts = self.objective(inp, stage.active, stage.cfg.ce_weight, weights)
+        loss, parts = self.objective(inp, self.student, stage.active, stage.cfg.ce_weight, weights)
         return loss, parts, student_feat.logits
 
 
 @dataclass
 class StageRun:
     """What a training step of one stage needs besides the batch: the (possibly DDP-wrapped)
-    :class:`StudentStep`, the stage's optimizers, the teacher, the precision and the current
-    term weights (set per epoch)."""
+    :class:`StudentStep`, the stage's optimizers, the teacher, the precision, the task and the
+    current term weights (set per epoch)."""
 
     stage: Stage
     module: nn.Module
     optimizers: list
     teacher: FeatureModel | None
     precision: Precision
+    task: Task
     weights: dict = field(default_factory=dict)
 
 
-def train_step(run: StageRun, batch: tuple, epoch: int) -> dict:
-    """One optimisation step on ``batch = (x, y, g)``: teacher forward (no autograd unless a
-    term needs it), student forward and objective, backward, every optimizer steps. Returns the
-    detached loss parts and the count of correct predictions."""
+def train_step(run: StageRun, batch: tuple, epoch: int) -> tuple[dict, dict]:
+    """One optimisation step on ``batch = (x, target, g)``: teacher forward (no autograd unless
+    a term needs it), student forward and objective, backward, every optimizer steps. Returns
+    the detached loss parts (with their sum as ``loss``) and the task's training counts."""
     stage, precision = run.stage, run.precision
     x, y, g = batch
     x = precision.input(x)
@@ -100,5 +102,6 @@ def train_step(run: StageRun, batch: tuple, epoch: int) -> dict:
             for opt in run.optimizers:
                 opt.step()
     parts["loss"] = loss.detach()
-    parts["correct"] = (logits.argmax(1) == y).sum()
-    return parts
+    with torch.no_grad():
+        counts = run.task.train_counts(logits, y)
+    return parts, counts

@@ -21,10 +21,11 @@ from ..methods.objective import Objective
 from ..models import build_model, count_parameters
 from ..progress import Progress
 from ..rundir import RunDir, write_json, write_text
+from ..tasks import batch_size_of
 from .build import build_data, default_out, load_teacher, resolve_device, seed_everything, setup_terms
 from .checkpoint import load_checkpoint, save_checkpoint
 from .evaluate import evaluate
-from .stages import Stage, make_optimizer, resolve_stages, scheduled_lr
+from .stages import STATELESS, Stage, lr_groups, make_optimizer, resolve_stages, scheduled_lr
 from .step import Precision, StageRun, StudentStep, train_step
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -62,16 +63,21 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
         self.data = build_data(cfg, self.device, self.dist)
+        self.task = self.data.task
         self.num_classes, self.num_groups = self.data.num_classes, self.data.num_groups
-        self.student = build_model(cfg.model.name, self.num_classes, **cfg.model.options).to(self.device)
-        self.objective = Objective(cfg.terms).to(self.device)
+        outputs = self.task.num_outputs(self.data.train_set)
+        self.student = build_model(cfg.model.name, outputs, **cfg.model.options).to(self.device)
+        self.objective = Objective(cfg.terms, self.task).to(self.device)
         self.stages = resolve_stages(cfg, self.objective)
+        self.steps_per_epoch = len(self.data.train_loader)
+        for st in self.stages:
+            st.fit(self.steps_per_epoch)
         # a configured teacher is loaded only when a term needs it (a baseline may name one)
         needed = any(st.needs_teacher for st in self.stages)
-        self.teacher = load_teacher(cfg, self.num_classes, self.device) if needed else None
+        self.teacher = load_teacher(cfg, outputs, self.device) if needed else None
         self._teacher_bn_train = self.teacher is not None and any(
             (s.cfg.teacher_bn_mode or cfg.teacher.bn_mode) == "train" for s in self.stages)
-        setup_terms(self.objective, self.student, self.teacher, self.data, cfg.data.batch_size, self.device)
+        setup_terms(self.objective, self.student, self.teacher, self.data, cfg, self.device)
         self.precision = Precision(self.device.type, cfg.amp, cfg.channels_last)
         if cfg.amp == "fp16":
             self.precision.scaler = torch.amp.GradScaler(self.device.type)
@@ -109,7 +115,7 @@ class Trainer:
         """
         for p in self.step_module.parameters():
             p.requires_grad_(False)
-        main_params = list(self.student.parameters()) if stage.train_student else []
+        main_params = [(f"student.{n}", p) for n, p in self.student.named_parameters()] if stage.train_student else []
         own = {}
         for name in stage.trained_terms:
             term = self.objective.term(name)
@@ -117,15 +123,16 @@ class Trainer:
             if not params:
                 continue
             if term.optimizer is None:
-                main_params += params
+                main_params += [(f"terms.{name}.{n}", p) for n, p in term.named_parameters()]
             else:
                 spec = from_dict(type(stage.optim), {**to_dict(stage.optim), **term.optimizer}, f"terms.{name}.optimizer")
                 own[name] = make_optimizer(params, spec)
                 for p in params:
                     p.requires_grad_(True)
-        for p in main_params:
+        for _, p in main_params:
             p.requires_grad_(True)
-        main = make_optimizer(main_params, stage.optim) if main_params else None
+        groups = lr_groups(main_params, stage.optim.lr_mult, f"stages[{stage.index}].optim.lr_mult")
+        main = make_optimizer(groups, stage.optim) if main_params else None
         plateau = None
         if stage.schedule.name == "plateau" and main is not None:
             plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -137,45 +144,82 @@ class Trainer:
 
             module = DDP(module, find_unused_parameters=True)
         optimizers = [o for o in [main, *own.values()] if o is not None]
-        return main, own, plateau, StageRun(stage, module, optimizers, self.teacher, self.precision)
+        return main, own, plateau, StageRun(stage, module, optimizers, self.teacher, self.precision, self.task)
+
+    def _positions(self, stage: Stage) -> tuple[int, int]:
+        """(offset, total) of ``stage``'s schedule in its unit (epochs or iterations): the stage
+        alone, or the whole run when the schedule spans it."""
+        spec, spe = stage.schedule, self.steps_per_epoch
+        size = (lambda s: s.total_steps(spe)) if spec.unit == "iteration" else (lambda s: s.epochs)
+        if spec.span == "stage":
+            return 0, size(stage)
+        return sum(size(s) for s in self.stages[:stage.index]), sum(size(s) for s in self.stages)
+
+    def _set_lr(self, main, stage: Stage, t: int) -> None:
+        """Learning rates of the main optimizer at position ``t`` of a stateless schedule."""
+        offset, total = self._positions(stage)
+        lr = scheduled_lr(stage.schedule, stage.optim.lr, offset + t, total)
+        for group in main.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
 
     # -- training ----------------------------------------------------------------
 
-    def _train_epoch(self, run: StageRun, epoch: int, global_epoch: int) -> dict:
-        stage = run.stage
-        torch.manual_seed(epoch_seed(self.cfg.seed, global_epoch))
-        self.student.train(stage.train_student)  # a frozen student keeps its BN statistics
+    def _modes(self, stage: Stage) -> None:
+        """Train/eval modes of the student, the term modules and the teacher for ``stage``."""
+        mode = stage.cfg.student_mode
+        self.student.train(stage.train_student if mode == "auto" else mode == "train")  # a frozen student keeps its BN statistics
         self.objective.train()
         if self.teacher is not None:
             set_bn_mode(self.teacher, stage.cfg.teacher_bn_mode or self.cfg.teacher.bn_mode)
+            if self.cfg.teacher.dropout:
+                for m in self.teacher.modules():
+                    if isinstance(m, nn.modules.dropout._DropoutNd):
+                        m.train()
+
+    def _train_epoch(self, run: StageRun, main, epoch: int, global_epoch: int) -> dict:
+        stage = run.stage
+        torch.manual_seed(epoch_seed(self.cfg.seed, global_epoch))
+        self._modes(stage)
         run.weights = self.objective.current_weights(stage.active, epoch, stage.epochs)
+        per_step = main is not None and stage.schedule.name in STATELESS and stage.schedule.unit == "iteration"
+        steps, spe = stage.steps(epoch, self.steps_per_epoch), self.steps_per_epoch
         sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, torch.Tensor] = {}
         n = 0
-        loader = self.data.train_loader
-        bar = Progress(len(loader), f"{self.cfg.name or 'run'} {stage.cfg.name} {epoch + 1}/{stage.epochs}",
+        bar = Progress(steps, f"{self.cfg.name or 'run'} {stage.cfg.name} {epoch + 1}/{stage.epochs}",
                        enabled=self.cfg.progress and self.is_main)
-        for batch in loader.epoch(global_epoch):
+        for i, batch in enumerate(self.data.train_loader.epoch(global_epoch)):
+            if i == steps:
+                break
+            if per_step:
+                self._set_lr(main, stage, epoch * spe + i)
             try:
-                parts = train_step(run, batch, epoch)
+                parts, batch_counts = train_step(run, batch, epoch)
             except TrainingError as e:
                 raise TrainingError(f"{e} {self.run_dir.checkpoint} keeps the last good epoch.") from None
-            b = batch[1].numel()
+            b = batch_size_of(batch[1])
             for k, v in parts.items():
-                v = v.double()
-                sums[k] = sums.get(k, 0.0) + (v if k == "correct" else v * b)
+                sums[k] = sums.get(k, 0.0) + v.double() * b
+            for k, v in batch_counts.items():
+                counts[k] = counts.get(k, 0.0) + v.double()
             n += b
             bar.update(1, f"loss {parts['loss'].item():.4f}")
-        keys = sorted(sums)
-        totals = all_reduce_sum(torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=self.device) for k in keys]
-                                            + [torch.tensor(float(n), dtype=torch.float64, device=self.device)]), self.dist)
-        n_all = max(totals[-1].item(), 1.0)
-        out = {k: totals[i].item() / n_all for i, k in enumerate(keys)}
-        out["accuracy"] = out.pop("correct", 0.0)
-        bar.close(f"loss {out.get('loss', float('nan')):.4f} acc {out['accuracy']:.4f}")
+        keys, count_keys = sorted(sums), sorted(counts)
+        values = [torch.as_tensor(sums[k], dtype=torch.float64, device=self.device) for k in keys]
+        values += [torch.as_tensor(counts[k], dtype=torch.float64, device=self.device) for k in count_keys]
+        totals = all_reduce_sum(torch.stack(values + [torch.tensor(float(n), dtype=torch.float64, device=self.device)]),
+                                self.dist).tolist()
+        n_all = max(totals[-1], 1.0)
+        out = {k: totals[i] / n_all for i, k in enumerate(keys)}
+        summed = dict(zip(count_keys, totals[len(keys):-1]))
+        if "total" in summed:
+            out["accuracy"] = summed["correct"] / max(summed["total"], 1.0)
+        acc = f" acc {out['accuracy']:.4f}" if "accuracy" in out else ""
+        bar.close(f"loss {out.get('loss', float('nan')):.4f}{acc}")
         return out
 
     def _evaluate(self, loader) -> dict:
-        return evaluate(self.student, loader, self.num_classes, self.num_groups, self.precision, self.dist)
+        return evaluate(self.student, loader, self.task, self.num_classes, self.num_groups, self.precision, self.dist)
 
     def _restore(self, state: dict) -> None:
         """Load the model, term modules, teacher buffers and scaler of a checkpoint."""
@@ -230,12 +274,11 @@ class Trainer:
                 if plateau is not None:
                     plateau.load_state_dict(state["plateau"])
             for epoch in range(first, stage.epochs):
-                if main is not None and stage.schedule.name in ("multistep", "cosine"):
-                    for group in main.param_groups:
-                        group["lr"] = scheduled_lr(stage.schedule, stage.optim.lr, epoch, stage.epochs)
+                if main is not None and stage.schedule.name in STATELESS and stage.schedule.unit == "epoch":
+                    self._set_lr(main, stage, epoch)
+                train = self._train_epoch(step, main, epoch, global_epoch)
                 record = {"stage": stage.cfg.name, "epoch": epoch + 1, "global_epoch": global_epoch + 1,
-                          "lr": main.param_groups[0]["lr"] if main else None,
-                          "train": self._train_epoch(step, epoch, global_epoch)}
+                          "lr": main.param_groups[0]["lr"] if main else None, "train": train}
                 is_last = stage is self.stages[-1] and epoch == stage.epochs - 1
                 needs_test = plateau is not None and stage.schedule.monitor == "test_loss"
                 if is_last or needs_test or (global_epoch + 1) % cfg.eval_every == 0:
@@ -261,23 +304,24 @@ class Trainer:
 
     def _log_epoch(self, record: dict) -> None:
         if "test" in record and self.cfg.progress:
-            t = record["test"]
-            self.log(f"  test: acc {100 * t['accuracy']:.2f}  DEO_A {100 * t['deo_a']:.2f}  DEO_M {100 * t['deo_m']:.2f}  loss {t['loss']:.4f}")
+            self.log(f"  test: {self.task.summary(record['test'])}")
 
     def _result(self, history: list[dict], wall: float) -> dict:
         evaluated = [r for r in history if "test" in r]
         final = evaluated[-1]["test"] if evaluated else self._evaluate(self.data.test_loader)
-        best = max(evaluated, key=lambda r: r["test"]["accuracy"]) if evaluated else None
-        pick = ("accuracy", "deo_a", "deo_m", "loss")
+        headline = self.task.headline
+        best = max(evaluated, key=lambda r: -1.0 if r["test"][headline] != r["test"][headline] else r["test"][headline]) \
+            if evaluated else None
+        pick = self.task.final_keys
         test_set = self.data.test_set
         return {
-            "name": self.cfg.name, "method": self.cfg.method, "seed": self.cfg.seed,
+            "name": self.cfg.name, "method": self.cfg.method, "seed": self.cfg.seed, "task": self.task.name,
             "data": self.cfg.data.name, "model": self.cfg.model.name,
             "teacher": self.cfg.teacher.run or self.cfg.teacher.checkpoint or None,
             "epochs": sum(s.epochs for s in self.stages),
             "final": {k: final[k] for k in pick},
             "best": ({k: best["test"][k] for k in pick} | {"epoch": best["global_epoch"]}) if best else None,
-            "cell_accuracy": final["cell_accuracy"],
+            **{k: final[k] for k in self.task.details if k in final},
             "class_names": test_set.class_names, "group_names": test_set.group_names,
             "num_params": count_parameters(self.student),
             "world_size": self.dist.world_size,

@@ -25,7 +25,9 @@ TERMS: Registry = Registry("method term")
 
 @dataclass
 class TermInput:
-    """Everything a term may read at one training (or evaluation) step."""
+    """Everything a term may read at one training (or evaluation) step: the input ``x``, the
+    target ``y`` (labels; masks (B, H, W) for segmentation; a list of per-image box dicts for
+    detection), the groups ``g``, both models' features and the epoch."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -63,7 +65,9 @@ class Term(nn.Module):
     ``forward_features`` rather than ``forward``; without it, reading anything but ``logits``
     raises), ``teacher_grad`` (run the teacher with autograd, e.g. for input Jacobians),
     ``input_grad`` (the input needs ``requires_grad``), ``autocast`` (False: the objective runs
-    the term with mixed precision off, its inputs in float32).
+    the term with mixed precision off), ``tasks`` (the tasks whose targets and outputs the term
+    understands: a feature term works on every task, a term that reads class labels only on
+    classification).
     ``optimizer`` is None to train the term's parameters with the student's optimizer, or an
     optimizer spec (same keys as the config's ``optim`` section) for a separate one.
 
@@ -78,6 +82,7 @@ class Term(nn.Module):
     input_grad: bool = False
     autocast: bool = True
     optimizer: dict | None = None
+    tasks: tuple[str, ...] = ("classification", "segmentation", "detection")
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

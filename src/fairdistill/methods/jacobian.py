@@ -56,6 +56,7 @@ class Jacobian(Term):
     with ``create_graph`` so training back-propagates through it (double backprop).
     """
 
+    tasks = ("classification",)
     teacher_grad = True
     input_grad = True
 

@@ -11,7 +11,8 @@ from .base import TERMS, Term, TermInput
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float = 4.0) -> torch.Tensor:
-    """T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes and averaged over the batch.
+    """T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes (dim 1) and averaged over the
+    batch (and, for (B, C, H, W) maps, over the pixels).
 
     The T^2 factor keeps gradient magnitudes comparable across temperatures (Hinton et al.).
     """
@@ -23,12 +24,14 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float
 
 @TERMS.register("kd")
 class KD(Term):
-    """Output distillation on logits.
+    """Output distillation on logits; per pixel on segmentation logits (B, C, H, W): the KL over
+    classes averaged over batch and pixels.
 
     Options: ``T`` temperature (> 0). The weight (and its linear annealing from ``weight`` to
     ``weight_end``, the MFD supplement's 1.2) is set in the term's config.
     """
 
+    tasks = ("classification", "segmentation")
     needs_features = False
 
     def __init__(self, T: Annotated[float, Range(gt=0)] = 4.0):

@@ -132,6 +132,7 @@ class MFD(Term):
                 student features. Default False.
     """
 
+    tasks = ("classification",)
     needs_teacher = True
     needs_features = True
     autocast = False  # kernel matrices and their exponentials in float32

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, TrainingError
@@ -42,11 +41,20 @@ def annealed(weight: float, weight_end: float | None, epoch: int, epochs: int) -
 
 
 class Objective(nn.Module):
-    """CE(student logits, y) * ce_weight + sum of the active terms times their weights."""
+    """ce_weight * the task loss (its parts summed) + the active terms times their weights.
 
-    def __init__(self, specs: dict[str, dict]):
+    ``task`` is a :class:`fairdistill.tasks.Task` (its ``loss(outputs, target, model)``); None
+    gives classification's cross-entropy.
+    """
+
+    def __init__(self, specs: dict[str, dict], task=None):
         super().__init__()
         self.terms, self.weights = build_terms(specs)
+        if task is None:
+            from ..tasks.classification import Classification
+
+            task = Classification()
+        self.task = task
 
     def term(self, name: str) -> Term:
         return self.terms[name]
@@ -66,17 +74,20 @@ class Objective(nn.Module):
         except FeatureNotComputed as e:
             raise TrainingError(f"terms.{name} ({type(term).__name__}): {e}") from None
 
-    def forward(self, inp: TermInput, active: list[str], ce_weight: float, weights: dict[str, float]):
-        """Returns (total loss, {part name: unweighted detached value})."""
+    def forward(self, inp: TermInput, model: nn.Module, active: list[str], ce_weight: float, weights: dict[str, float]):
+        """Returns (total loss, {part name: unweighted detached value}); ``model`` is the student
+        (a detection loss needs its priors)."""
         parts: dict[str, torch.Tensor] = {}
-        total = inp.student.logits.new_zeros(())
+        total = None
         if ce_weight:
-            ce = F.cross_entropy(inp.student.logits, inp.y)
-            parts["ce"] = ce.detach()
-            total = total + ce_weight * ce
+            for name, value in self.task.loss(inp.student.logits, inp.y, model).items():
+                parts[name] = value.detach()
+                total = ce_weight * value if total is None else total + ce_weight * value
         for name in active:
             value = self.run_term(name, inp)
             parts[name] = value.detach()
             if weights[name]:
-                total = total + weights[name] * value
+                total = weights[name] * value if total is None else total + weights[name] * value
+        if total is None:
+            total = inp.g.new_zeros((), dtype=torch.float32)
         return total, parts

@@ -129,12 +129,16 @@ class NegativeMean:
 class OFD(Term):
     """OFD distillation loss (unweighted; the config weight is alpha).
 
-    L = (1/B) * sum_i partial_l2(r_i(F_s,i), F_t,i, m_i) / 2^(N-1-i) over the chosen stage
-    indices i of N pre-ReLU stages (official ``Distiller.forward``).
+    L = (1/B) * sum_i partial_l2(r_i(F_s,i), F_t,i, m_i) / d_i over the chosen stage
+    indices i of N pre-ReLU stages, with d_i = 2^(N-1-i) (official CIFAR/ImageNet
+    ``Distiller.forward``) or the configured dividers (the official segmentation code's
+    ``loss_divider = [8, 4, 2, 1, 1, 16]``).
 
     Options:
       positions: "all" (multi-layer, default), "last" (single-layer variant, supplement
         Table 2) or a list of stage indices (weights keep their 2^-(N-1-i)).
+      dividers: None (2^(N-1-i)) or one positive number per stage of the models (N values;
+        those of the chosen positions are used).
       margin: "bn" (default): Eq. 4 from the teacher BN (``stage_bns()``) before each ReLU,
         estimated from training batches where that BN is None; "estimate": estimated
         everywhere (E[F_t | F_t < 0] per channel, teacher in eval mode, supplement A).
@@ -144,9 +148,11 @@ class OFD(Term):
     """
 
     def __init__(self, positions: Positions = "all", margin: Literal["bn", "estimate"] = "bn",
-                 estimate_batches: Annotated[int, Range(ge=1)] | None = None):
+                 estimate_batches: Annotated[int, Range(ge=1)] | None = None,
+                 dividers: list[Annotated[float, Range(gt=0)]] | None = None):
         super().__init__()
         self.positions, self.margin, self.estimate_batches = positions, margin, estimate_batches
+        self.dividers = dividers
         self.connectors = nn.ModuleList()
         self.indices: list[int] = []
         self.num_stages = 0
@@ -155,6 +161,9 @@ class OFD(Term):
         s_feats, t_feats = paired_stages(ctx.student_features, ctx.teacher_features, "prerelu", "ofd")
         self.num_stages = len(t_feats)
         self.indices = resolve_positions(self.positions, self.num_stages, "ofd.positions")
+        if self.dividers is not None and len(self.dividers) != self.num_stages:
+            raise ConfigError(f"ofd.dividers: {len(self.dividers)} values for models with {self.num_stages} stages; "
+                              "give one divider per stage")
         self.connectors = nn.ModuleList()
         for i in self.indices:
             check_same_spatial(s_feats[i], t_feats[i], i, "ofd")
@@ -218,5 +227,5 @@ class OFD(Term):
         total = 0.0
         for j, i in enumerate(self.indices):
             loss = connector_partial_l2(self.connectors[j], s_feats[i], t_feats[i], getattr(self, f"margin_{j}"))
-            total = total + loss / 2 ** (self.num_stages - 1 - i)
+            total = total + loss / (2 ** (self.num_stages - 1 - i) if self.dividers is None else self.dividers[i])
         return total / s_feats[0].shape[0]
