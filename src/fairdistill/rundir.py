@@ -1,38 +1,118 @@
-"""The run directory (DESIGN.md contract 5): every file written atomically, nothing finished lost.
+"""The run directory (DESIGN.md contract 5): every file written atomically, nothing finished lost,
+one writer at a time.
 
     config.yaml     the resolved configuration
     checkpoint.pt   the last completed epoch (format: ``engine/checkpoint.py``)
     metrics.jsonl   one JSON line per completed epoch
     result.json     written once at the end: the run is finished and is never overwritten
+    run.lock        while a process writes the run: its OS lock (see :class:`RunLock`)
+
+A write that fails for an ordinary reason (disk full, read-only or permission-denied folder, a
+path component that is a file) raises a :class:`RunDirError` naming the file and saying what
+to do; the file it was replacing is left as it was.
 """
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import math
 import os
+import re
+import socket
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from .config import RunConfig, from_dict, safe_load
-from .errors import RunDirError
+from .config import RESUMABLE, RunConfig, apply_overrides, from_dict, parse_override, safe_load, to_dict, validate
+from .errors import ConfigError, RunDirError
 
+log = logging.getLogger(__name__)
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
+RUN_FILES = ("config.yaml", "checkpoint.pt", "metrics.jsonl", "result.json")
+"""The files ``train`` writes in a run directory (their interrupted temporaries are its to remove)."""
+LOCK = "run.lock"
+"""The lock file of a run directory's writer."""
+_TEMP = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}$")  # what tempfile.mkstemp(prefix=".NAME.") makes
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def write_error(path: Path, err: OSError) -> RunDirError:
+    """The RunDirError a user can act on for ``err`` raised while writing ``path``."""
+    path = Path(path)
+    if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        kept = "the previous checkpoint is intact" if path.name == "checkpoint.pt" else (
+            f"the previous {path.name} is intact" if path.is_file() else f"no {path.name} was written")
+        hint = f"; free some space, then continue with `fairdistill train --resume {path.parent}`" \
+            if path.name in RUN_FILES else "; free some space and run the command again"
+        return RunDirError(f"no space left on device while writing {path}; {kept}{hint}")
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = "the file system is read-only" if err.errno == errno.EROFS else "permission denied"
+        return RunDirError(f"cannot write {path}: {why}; choose a writable folder (out=DIR) or make {path.parent} writable")
+    if isinstance(err, (NotADirectoryError, FileExistsError)) or err.errno in (errno.ENOTDIR, errno.EEXIST):
+        blocker = next((p for p in [path.parent, *path.parent.parents] if p.exists() and not p.is_dir()), None)
+        where = f"{blocker} is a file, not a folder" if blocker else (err.strerror or str(err))
+        return RunDirError(f"cannot write {path}: {where}; choose another folder (out=DIR)")
+    return RunDirError(f"cannot write {path}: {err.strerror or err}")
+
+
+class _Recording:
+    """A file wrapper that remembers the OSError of a failed write (``torch.save`` wraps it in
+    an opaque RuntimeError; the original says "no space left on device")."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        try:
+            self.f.flush()
+        except OSError as e:
+            self.error = e
+            raise
+
 
 def atomic_write(path: Path, write) -> None:
-    """Write through ``write(file)`` into a temporary file, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    """Write through ``write(file)`` into a temporary ``.NAME.xxxxxxxx`` beside ``path``, then
+    rename it over ``path``: readers see the old file or the new one, never a part.
+
+    On any failure the temporary is removed and ``path`` is untouched; an OSError (also one that
+    ``write`` wrapped in another exception) becomes a RunDirError saying what to do.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except OSError as e:
+        raise write_error(path, e) from None
+    rec = None
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            rec = _Recording(f)
+            write(rec)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_error(path, e) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        if rec is not None and rec.error is not None:
+            raise write_error(path, rec.error) from None
         raise
 
 
@@ -44,7 +124,223 @@ def write_json(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, allow_nan=True) + "\n")
 
 
+def read_json(path: Path, what: str = "") -> dict:
+    """A JSON object from ``path``; a RunDirError saying the file is damaged when it is not one."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunDirError(f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise RunDirError(f"{path} is damaged ({what or 'not valid JSON'}: {e})") from None
+    if not isinstance(data, dict):
+        raise RunDirError(f"{path} is damaged (expected a JSON object, found {type(data).__name__})")
+    return data
+
+
+# ----------------------------------------------------------------------------- the writer's lock
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """Who holds a run directory's lock (from its lock file; fields may be unknown)."""
+
+    pid: int | None
+    host: str = ""
+    since: str = ""
+
+    def __str__(self) -> str:
+        who = f"process {self.pid}" if self.pid else "another process"
+        return who + (f" on {self.host}" if self.host and self.host != socket.gethostname() else "") + \
+            (f" (since {self.since})" if self.since else "")
+
+
+try:  # POSIX
+    import fcntl
+
+    def _try_lock(fd: int, exclusive: bool) -> bool:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    def _unlock(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+except ImportError:  # pragma: no cover - Windows
+    try:
+        import msvcrt
+
+        _REGION = 1 << 20  # the locked byte lies past the holder's JSON, which stays readable
+
+        def _try_lock(fd: int, exclusive: bool) -> bool:
+            os.lseek(fd, _REGION, os.SEEK_SET)
+            try:
+                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+                return True
+            except OSError:
+                return False
+
+        def _unlock(fd: int) -> None:
+            os.lseek(fd, _REGION, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+
+    except ImportError:
+        _try_lock = _unlock = None
+
+_UNSUPPORTED = {errno.ENOLCK, errno.EINVAL, getattr(errno, "ENOTSUP", -1), getattr(errno, "EOPNOTSUPP", -1),
+                getattr(errno, "ENOSYS", -1)}
+
+
+def _read_holder(path: Path) -> LockHolder:
+    for _ in range(20):  # the holder writes its JSON right after taking the lock
+        try:
+            info = json.loads(path.read_text() or "null")
+        except (OSError, ValueError):
+            info = None
+        if isinstance(info, dict):
+            pid = info.get("pid")
+            return LockHolder(pid if isinstance(pid, int) else None, str(info.get("host", "")), str(info.get("since", "")))
+        time.sleep(0.01)
+    return LockHolder(None)
+
+
+class RunLock:
+    """The one-writer lock of a run directory: an exclusive OS lock on ``RUN_DIR/run.lock``.
+
+    ``fairdistill train`` holds it from its first write to its last (a launcher that starts
+    ``train`` in a child process must not hold it itself: check :meth:`RunDir.writer` instead).
+    It is an OS lock (``flock`` on Linux and macOS, ``msvcrt.locking`` on Windows), so the kernel
+    releases it when the holder ends in any way, ``kill -9`` included: a stale ``run.lock`` never
+    blocks anyone. A second writer is refused at once with a RunDirError naming the folder and
+    the holder (PID, host, start time: the lock file's JSON). On a file system without locks
+    (some Lustre or old NFS mounts) a warning says one writer per folder is not enforced there.
+
+    Use as a context manager (``with RunDir(path).lock(): ...``) or ``acquire()``/``release()``;
+    keep the object while holding the lock (a lost one lets go when it is garbage-collected).
+    ``acquire`` creates the folder when needed; ``release`` removes ``run.lock`` (and the folder,
+    when it created it and nothing else was written). Not reentrant: a second ``acquire`` of the
+    same folder, in this process or another, is refused.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK
+        self._fd: int | None = None
+        self._created = False
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock."""
+        return self._fd is not None
+
+    def acquire(self) -> "RunLock":
+        if self._fd is not None:
+            raise RunDirError(f"{self.folder}: this process already holds its lock")
+        self._created = not self.folder.exists()
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise write_error(self.path, e) from None
+        deadline = time.monotonic() + 0.5  # readers probe with a momentary shared lock
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+            except OSError as e:
+                raise write_error(self.path, e) from None
+            try:
+                if _try_lock is None:
+                    raise OSError(errno.ENOSYS, "no file locks on this platform")
+                got = _try_lock(fd, exclusive=True)
+            except OSError as e:
+                if e.errno not in _UNSUPPORTED:
+                    os.close(fd)
+                    raise RunDirError(f"{self.path}: cannot take the writer's lock ({e.strerror or e})") from None
+                log.warning("%s: the file system does not support file locks (%s); one writer per run folder is not "
+                            "enforced there", self.folder, e.strerror or e)
+                got = True
+            if not got:
+                os.close(fd)
+                if time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    continue
+                holder = _read_holder(self.path)
+                stop = f" (e.g. kill {holder.pid})" if holder.pid and not holder.host else ""
+                raise RunDirError(f"{self.folder} is being written by {holder}: one run folder has one writer; "
+                                  f"wait for that run to end or stop it{stop}, or choose another out=DIR")
+            try:  # the file may have been removed by a holder that released it meanwhile: lock its successor
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, (info + "\n").encode())
+            self._fd = fd
+            return self
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                os.unlink(self.path)  # still holding it: a waiting process re-checks and locks a new file
+        except OSError:
+            pass
+        if _try_lock is not None:
+            try:
+                _unlock(fd)
+            except OSError:
+                pass
+        os.close(fd)
+        if self._created:
+            try:
+                self.folder.rmdir()  # only when empty: a run that wrote nothing leaves nothing
+            except OSError:
+                pass
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __del__(self):  # a lost object still lets go (the kernel would at exit anyway)
+        if getattr(self, "_fd", None) is not None:
+            self.release()
+
+
+def lock_holder(folder: str | os.PathLike) -> LockHolder | None:
+    """The process writing run directory ``folder`` now, or None. Takes no lock beyond a
+    momentary shared probe, so readers (``eval``, ``tsne``, a launcher) never block a writer."""
+    path = Path(folder) / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        if _try_lock is None or _try_lock(fd, exclusive=False):
+            if _try_lock is not None:
+                _unlock(fd)
+            return None
+    except OSError:  # no locks on this file system: the file's presence is all there is
+        return _read_holder(path)
+    finally:
+        os.close(fd)
+    return _read_holder(path)
+
+
+# ----------------------------------------------------------------------------- the run directory
+
+
 class RunDir:
+    """A run directory: its files, its state (started, finished, being written) and its lock."""
+
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.config = self.path / "config.yaml"
@@ -60,16 +356,98 @@ class RunDir:
     def started(self) -> bool:
         return self.config.is_file() or self.checkpoint.is_file()
 
+    def lock(self) -> RunLock:
+        """The writer's lock of this folder (see :class:`RunLock`), not yet acquired."""
+        return RunLock(self.path)
+
+    def writer(self) -> LockHolder | None:
+        """The process writing this run now (it holds the lock), or None."""
+        return lock_holder(self.path)
+
+    def check_writable(self) -> None:
+        """Refuse, writing nothing, a folder that cannot be created or written: a path component
+        that is a file, or a read-only or permission-denied parent."""
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise RunDirError(f"out: {p} is a file, not a folder; choose another out=DIR")
+        existing = next((q for q in [p, *p.parents] if q.exists()), Path("."))
+        if not existing.is_dir():
+            raise RunDirError(f"out: {p} lies under {existing}, which is a file; choose another out=DIR")
+        if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+            ro = "on a read-only file system" if _read_only(existing) else "not writable"
+            raise RunDirError(f"out: {existing} is {ro}, so {p} cannot be written; choose another out=DIR")
+
+    def remove_temporaries(self) -> list[Path]:
+        """Remove the ``.NAME.xxxxxxxx`` temporaries that interrupted atomic writes of the run's
+        files left behind; call it only while holding the lock (a writer's live temporary would
+        go too). Returns the removed paths."""
+        removed = []
+        if not self.path.is_dir():
+            return removed
+        for p in self.path.iterdir():
+            m = _TEMP.match(p.name)
+            if m and m["name"] in RUN_FILES and p.is_file() and not p.is_symlink():
+                try:
+                    p.unlink()
+                    removed.append(p)
+                except OSError:
+                    pass
+        return removed
+
     def read_config(self) -> RunConfig:
         """The run's saved (resolved) configuration."""
         if not self.config.is_file():
             raise RunDirError(f"{self.path}: not a run directory (no config.yaml)")
-        return from_dict(RunConfig, safe_load(self.config.read_text()), key="")
+        try:
+            data = safe_load(self.config.read_text())
+        except Exception as e:  # YAML or decoding errors: the file is damaged
+            raise RunDirError(f"{self.config} is damaged ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise RunDirError(f"{self.config} is damaged (expected a mapping of keys)")
+        try:
+            return from_dict(RunConfig, data, key="")
+        except ConfigError as e:
+            raise RunDirError(f"{self.config} is damaged or from another version ({e})") from None
+
+    def resume_config(self, overrides=()) -> RunConfig:
+        """The saved config of this run, to continue it here: ``out`` is this folder, and
+        ``overrides`` (``key=value``) may set only the keys that may change on resume
+        (:data:`fairdistill.config.RESUMABLE`)."""
+        saved = self.read_config()
+        for text in overrides:
+            key = parse_override(text)[0]
+            if key[0] not in RESUMABLE:
+                raise ConfigError(
+                    f"{'.'.join(key)}: cannot change when resuming {self.path} (only {', '.join(RESUMABLE)} may); "
+                    f"to train with another value, start a new run: fairdistill train {self.config} {text} out=NEW_DIR")
+        data = apply_overrides(to_dict(saved), list(overrides))
+        data["out"] = str(self.path)
+        cfg = from_dict(RunConfig, data)
+        validate(cfg)
+        return cfg
 
     def read_result(self) -> dict:
+        """The run's ``result.json``; a RunDirError when there is none or it is damaged."""
         if not self.finished:
             raise RunDirError(f"{self.path} holds no finished run (no result.json)")
-        return json.loads(self.result.read_text())
+        result = read_json(self.result)
+        final = result.get("final")
+        bad = "no 'final' metrics" if not isinstance(final, dict) else next(
+            (f"final {k} is {final.get(k)!r}" for k in ("accuracy", "deo_a", "deo_m")
+             if not (isinstance(final.get(k), (int, float)) and not isinstance(final.get(k), bool))), None)
+        if bad is None and not 0.0 <= final["accuracy"] <= 1.0 and not math.isnan(final["accuracy"]):
+            bad = f"final accuracy {final['accuracy']!r} is outside [0, 1]"
+        if bad:
+            raise RunDirError(f"{self.result} is damaged ({bad}); remove it and run `fairdistill train --resume "
+                              f"{self.path}` to write it again from the checkpoint")
+        return result
 
     def write_metrics(self, history: list[dict]) -> None:
         write_text(self.metrics, "".join(json.dumps(r, allow_nan=True) + "\n" for r in history))
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (AttributeError, OSError):
+        return False
