@@ -3,21 +3,62 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
+from pathlib import Path
 
-from .errors import FairdistillError
+from . import __version__
+from .errors import ConfigError, FairdistillError
+
+log = logging.getLogger("fairdistill")
 
 
 def _pct(v) -> str:
     return "   n/a" if v is None or v != v else f"{100 * v:6.2f}"
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {n}")
+    return n
+
+
+def train_config(config: str, overrides: list[str], resume: bool):
+    """The config of ``fairdistill train``: from a YAML file and overrides, or, with ``--resume``
+    and a run directory in place of the file, the run's saved config (only the keys that may
+    change on resume may be overridden; see :meth:`fairdistill.rundir.RunDir.resume_config`)."""
+    from .config import load_config
+    from .rundir import RunDir
+
+    path = Path(config)
+    if path.is_dir():
+        rd = RunDir(path)
+        if not resume:
+            if rd.finished:
+                raise ConfigError(f"{path} is a finished run folder; evaluate it with `fairdistill eval {path}`")
+            raise ConfigError(f"{path} is a run folder, not a config file; to continue it: fairdistill train --resume {path}")
+        return rd.resume_config(overrides)
+    return load_config(path, overrides)
+
+
 def cmd_train(args) -> int:
     from .config import load_config
     from .engine import train
 
-    cfg = load_config(args.config, args.overrides)
-    result = train(cfg, resume=args.resume)
+    from .engine.build import default_out
+
+    cfg = train_config(args.config, args.overrides, args.resume)
+    try:
+        result = train(cfg, resume=args.resume)
+    except KeyboardInterrupt:
+        print(f"fairdistill: interrupted; continue with: fairdistill train --resume {cfg.out or default_out(cfg)}",
+              file=sys.stderr)
+        return 130
     f = result["final"]
     print(f"finished {cfg.name}: accuracy {_pct(f['accuracy'])}  DEO_A {_pct(f['deo_a'])}  DEO_M {_pct(f['deo_m'])}  "
           f"({result['wall_time_s']:.1f} s)")
@@ -35,10 +76,23 @@ def cmd_config(args) -> int:
     return 0
 
 
+def warn_run_state(run_dir: str) -> None:
+    """Warn (stderr) when the run is still being written, or unfinished and at which epoch."""
+    from .engine.checkpoint import run_notes
+
+    for note in run_notes(run_dir):
+        log.warning(note)
+
+
 def cmd_eval(args) -> int:
     from .engine import evaluate_run
+    from .engine.checkpoint import checkpoint_progress
+    from .rundir import RunDir
 
+    warn_run_state(args.run_dir)
     metrics = evaluate_run(args.run_dir, device=args.device)
+    rd = RunDir(args.run_dir)
+    metrics["finished"], metrics["epochs_done"] = rd.finished, (checkpoint_progress(rd.checkpoint) or {}).get("epochs_done")
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
@@ -85,6 +139,7 @@ def cmd_report(args) -> int:
 def cmd_tsne(args) -> int:
     from .plots import tsne_run
 
+    warn_run_state(args.run_dir)
     settings = {k: v for k, v in (("perplexity", args.perplexity), ("max_iter", args.max_iter),
                                   ("random_state", args.random_state)) if v is not None}
     out = tsne_run(args.run_dir, out=args.out, max_points=args.max_points, device=args.device, **settings)
@@ -104,12 +159,15 @@ def cmd_plot(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fairdistill", description="Knowledge distillation with accuracy and group fairness.")
+    p.add_argument("--version", action="version", version=version_text())
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one run from a config file")
-    t.add_argument("config", help="YAML config file (see configs/)")
+    t.add_argument("config", help="YAML config file (see configs/); with --resume also a run directory")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=5 seed=1 out=runs/x optim.lr=0.01")
-    t.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    t.add_argument("--resume", action="store_true",
+                   help="continue a killed run from its last checkpoint: `train --resume RUN_DIR` (its saved config; "
+                        "only device, threads, progress, compile may be overridden) or `train CONFIG ... --resume`")
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("config", help="print the resolved config (presets, bases, defaults) as YAML; exit 2 if invalid")
@@ -126,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="teacher and students on the embedded digits-s data set, as one table")
     d.add_argument("--out", default="runs/demo", help="folder of the demo's runs (default runs/demo)")
     d.add_argument("--configs", default="configs/digits_s", help="folder of the demo's configs")
-    d.add_argument("--seeds", type=int, default=1, help="seeds per row (mean +- std when > 1)")
+    d.add_argument("--seeds", type=_positive, default=1, help="seeds per row (mean +- std when > 1)")
     d.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
     d.set_defaults(func=cmd_demo)
 
@@ -160,16 +218,69 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def version_text() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        return args.func(args)
+        torch = version("torch")
+    except PackageNotFoundError:
+        torch = "not installed"
+    return f"fairdistill {__version__} (torch {torch}, Python {sys.version.split()[0]})"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """``fairdistill: warning: ...`` on whatever ``sys.stderr`` is when a record is emitted."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"fairdistill: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def setup_logging() -> None:
+    """Library warnings (``logging``) as ``fairdistill: warning: ...`` lines on stderr."""
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        log.addHandler(_StderrHandler())
+        log.setLevel(logging.INFO)
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe (``fairdistill eval --json | head``): send what is left to /dev/null."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; every ordinary failure is one ``fairdistill: error:`` line and exit 2
+    (130 when interrupted, 141 when stdout is a closed pipe), never a traceback."""
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        rc = args.func(args)
+        sys.stdout.flush()
+        return rc
     except FairdistillError as e:
         print(f"fairdistill: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fairdistill: interrupted; resume with --resume", file=sys.stderr)
+        print("fairdistill: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141
+    except OSError as e:  # an ordinary system failure outside the checked writes: say what and where
+        where = f": {e.filename}" if e.filename else ""
+        print(f"fairdistill: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

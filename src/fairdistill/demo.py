@@ -3,18 +3,23 @@
 Every row is a config in ``configs/digits_s/``; the teacher is trained first (with seed
 1000 + s, so that it is a different network from the scratch student of seed s) and the students
 that need it read it through ``teacher.run``. Finished runs are reused (never overwritten) and
-unfinished ones resumed, so a second ``make demo`` only prints the table.
+unfinished ones resumed, so a second ``make demo`` only prints the table. A finished run whose
+``result.json`` is damaged is reported as such (a warning, and ``Runs`` counts it missing) and
+the table still holds every other run.
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 from .config import load_config
 from .engine import train
-from .errors import ConfigError
+from .errors import ConfigError, RunDirError
 from .report import TableRow, mfd_table
 from .rundir import RunDir
+
+log = logging.getLogger(__name__)
 
 TEACHER = ("Teacher (scratch)", "teacher.yaml")
 TEACHER_SEED_OFFSET = 1000
@@ -27,26 +32,38 @@ ROWS = [
 ]
 
 
-def run_or_reuse(config: Path, overrides: list[str]) -> dict:
-    """Train ``config`` unless its run directory already holds a finished run; resume a killed one."""
+def run_or_reuse(config: Path, overrides: list[str]) -> dict | None:
+    """Train ``config`` unless its run directory already holds a finished run; resume a killed one.
+
+    Returns the run's ``result.json`` contents, or None (with a warning) when a finished run's
+    ``result.json`` is damaged."""
     cfg = load_config(config, overrides)
     rd = RunDir(cfg.out)
     if rd.finished:
-        return rd.read_result()
+        try:
+            return rd.read_result()
+        except RunDirError as e:
+            log.warning("%s; the demo table leaves this run out", e)
+            return None
     return train(cfg, resume=rd.started)
 
 
-def table(rows: list[tuple[str, list[dict]]]) -> str:
-    """A Markdown table: one row per method, accuracy / DEO_A / DEO_M x100 (mean ± std over seeds)."""
-    return mfd_table([TableRow(name, rs) for name, rs in rows], with_paper=False)[0]
+def table(rows: list[tuple[str, list]]) -> str:
+    """A Markdown table: one row per method, accuracy / DEO_A / DEO_M x100 (mean ± std over seeds);
+    a None among a row's results is a damaged run (``Runs`` counts it missing)."""
+    entries = [TableRow(name, [r for r in rs if r is not None],
+                        missing=[f"seed {s} damaged" for s, r in enumerate(rs) if r is None]) for name, rs in rows]
+    return mfd_table(entries, with_paper=False)[0]
 
 
 def run_demo(out: str = "runs/demo", configs: str = "configs/digits_s", seeds: int = 1, overrides=()) -> str:
+    if not isinstance(seeds, int) or seeds < 1:
+        raise ConfigError(f"--seeds: the demo needs 1 seed or more, got {seeds!r}")
     folder = Path(configs)
     if not (folder / TEACHER[1]).is_file():
         raise ConfigError(f"--configs: {folder} holds no {TEACHER[1]}; run the demo from the repository root or pass --configs")
     t0 = time.perf_counter()
-    results: dict[str, list[dict]] = {}
+    results: dict[str, list[dict | None]] = {}
     for seed in range(seeds):
         teacher_dir = f"{out}/teacher/seed{seed}"
         common = [*overrides, f"seed={seed}"]

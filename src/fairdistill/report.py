@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import FairdistillError
+from .errors import FairdistillError, RunDirError
 from .progress import format_seconds
-from .rundir import write_text
+from .rundir import read_json, write_text
 from .sweeps.plan import collect
 from .sweeps.spec import LAYOUTS, SweepSpec, STATUS
 
@@ -189,6 +188,19 @@ def describe_time(results: list[dict]) -> str:
                                                                             "their start-up).")
 
 
+def sweep_status_line(path: Path) -> str:
+    """The report's line on the last ``fairdistill sweep`` of the folder, from ``sweep_status.json``;
+    a damaged file is reported as such (and on stderr), and the report goes on without it."""
+    try:
+        st = read_json(path)
+        return (f"Last `fairdistill sweep` of this folder: {st['runs']} runs ({st['reused']} reused), "
+                f"wall time {format_seconds(st['wall_s'])}, {st['jobs']} at a time on {st['cpus']} CPU(s).")
+    except (RunDirError, KeyError, TypeError, ValueError) as e:
+        why = str(e) if isinstance(e, RunDirError) else f"{path} is damaged (no valid {e} entry)"
+        print(f"fairdistill: warning: {why}; the report leaves out the last sweep's counts", file=sys.stderr)
+        return f"Last `fairdistill sweep` of this folder: unknown ({path.name} is damaged)."
+
+
 def write_csv(path: Path, records: list[dict]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(records[0]) if records else ["method"], lineterminator="\n")
@@ -213,9 +225,7 @@ def write_report(folder: str | Path, plot: bool = True) -> tuple[str, list[Path]
         parts += ["", "Runs without a result (n/a where none finished):", *missing]
     status = folder / STATUS
     if status.is_file():
-        st = json.loads(status.read_text())
-        parts += ["", f"Last `fairdistill sweep` of this folder: {st['runs']} runs ({st['reused']} reused), "
-                      f"wall time {format_seconds(st['wall_s'])}, {st['jobs']} at a time on {st['cpus']} CPU(s)."]
+        parts += ["", sweep_status_line(status)]
     done = [r for e in entries for r in e.results]
     if done:
         parts += [describe_epochs(entries), describe_time(done)]
