@@ -50,49 +50,60 @@ class Predictions:
 
 class PredictionRecorder:
     """Collects each evaluation batch's logits (``update(outputs, target, g)``, the evaluator's
-    signature) and returns them as :class:`Predictions` in test-set order (``result``)."""
+    signature) and returns them as :class:`Predictions` in test-set order (``result``).
+
+    The loader must be sequential (as every evaluation loader): item k of the test set is row k
+    of the pass; under torchrun each process holds rows ``rank::world_size`` of every global
+    batch (``data/loader.py``), which :func:`merge_ranks` interleaves back.
+    """
 
     def __init__(self):
-        self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.batches: list[tuple[torch.Tensor, ...]] = []
 
     def update(self, outputs, target, g) -> None:
         if not isinstance(outputs, torch.Tensor) or outputs.dim() != 2:
             raise ConfigError("predictions: expected (batch, classes) logits; per-item predictions are written for "
                               "classification runs only")
         logits = outputs.detach().float()
-        self.parts.append((logits.argmax(1).cpu(), logits.softmax(1).cpu(), target.detach().cpu(), g.detach().cpu()))
+        self.batches.append((logits.argmax(1).cpu(), logits.softmax(1).cpu(), target.detach().cpu().long(),
+                             g.detach().cpu().long()))
 
-    def result(self, loader, dist=None) -> Predictions:
-        """The predictions of the whole pass over the sequential ``loader`` (one process's rows of
-        every global batch under torchrun: rank 0 gets every process's rows; the others None)."""
-        if self.parts:
-            pred, probs, label, group = (torch.cat(list(p)) for p in zip(*self.parts))
-        else:
-            pred = label = group = torch.zeros(0, dtype=torch.long)
-            probs = torch.zeros(0, 0)
-        index = rows_of(loader)
-        if len(index) != len(pred):
-            raise DataError(f"predictions: {len(pred)} rows recorded for {len(index)} items of the loader")
+    def result(self, dist=None) -> Predictions | None:
+        """The whole pass's predictions; under torchrun rank 0 gathers every process's rows and
+        gets them, the other processes get None."""
+        per_rank = [self.batches]
         if dist is not None and dist.enabled:
             import torch.distributed as tdist
 
-            gathered = [None] * dist.world_size
-            tdist.all_gather_object(gathered, (index, pred, probs, label, group))
+            per_rank = [None] * dist.world_size
+            tdist.all_gather_object(per_rank, self.batches)
             if not dist.is_main:
                 return None
-            index, pred, probs, label, group = (torch.cat([g[i] for g in gathered]) for i in range(5))
-        order = torch.argsort(index)
-        return Predictions(index[order].numpy(), label[order].long().numpy(), group[order].long().numpy(),
-                           pred[order].long().numpy(), probs[order].float().numpy())
+        return merge_ranks(per_rank)
 
 
-def rows_of(loader) -> torch.Tensor:
-    """Test-set indices of this process's rows of one pass over a sequential ``loader``, in the
-    order it yields them (``rank::world_size`` of every global batch, ``data/loader.py``)."""
-    order = loader.indices(0)[0]
-    rank, world = getattr(loader, "rank", 0), getattr(loader, "world_size", 1)
-    return torch.cat([order[start + rank:stop:world] for start, stop in loader._global_batches()] or
-                     [torch.zeros(0, dtype=torch.long)]).long()
+def merge_ranks(per_rank: list[list[tuple[torch.Tensor, ...]]]) -> Predictions:
+    """Predictions from each process's per-batch ``(pred, probs, label, group)``: row j of global
+    batch b is row j // W of process j % W's batch b (W processes); rows in pass order."""
+    world = len(per_rank)
+    steps = {len(batches) for batches in per_rank}
+    if len(steps) != 1:
+        raise DataError(f"predictions: the processes recorded different numbers of batches ({sorted(steps)})")
+    columns = [[], [], [], []]
+    for b in range(steps.pop()):
+        parts = [batches[b] for batches in per_rank]
+        for k in range(4):
+            pieces = [p[k] for p in parts]
+            n = sum(len(x) for x in pieces)
+            out = torch.empty((n, *pieces[0].shape[1:]), dtype=pieces[0].dtype)
+            for r, x in enumerate(pieces):
+                out[r::world] = x
+            columns[k].append(out)
+    if not columns[0]:
+        empty = torch.zeros(0, dtype=torch.long)
+        return Predictions(empty.numpy(), empty.numpy(), empty.numpy(), empty.numpy(), np.zeros((0, 0), np.float32))
+    pred, probs, label, group = (torch.cat(c) for c in columns)
+    return Predictions(np.arange(len(pred)), label.numpy(), group.numpy(), pred.numpy(), probs.numpy())
 
 
 def predictions_text(p: Predictions, class_names: list) -> str:

@@ -26,12 +26,11 @@ from .dense_augment import (
     SegmentationAugment, detection_batch, draw_detection_params, draw_segmentation_params, parse_augment,
     segmentation_eval, segmentation_train,
 )
-from .loader import epoch_generator
+from .batches import EpochPlan, epoch_generator
 from .resample import short_side_size
-from .samplers import balanced_indices, balanced_quota, check_sampler, sequential_indices, uniform_indices
 
 
-class DenseBatchLoader:
+class DenseBatchLoader(EpochPlan):
     """Batches ``(x, target, g)`` of a :class:`DenseDataset` on ``device``.
 
     x: float32 (b, C, H, W), scaled to [0, 1], transformed (``dense_augment.py``; ``augment``
@@ -52,34 +51,20 @@ class DenseBatchLoader:
         self, dataset: DenseDataset, batch_size: int, *, sampler: str = "uniform", drop_last: bool = False,
         device: str | torch.device = "cpu", seed: int = 0, rank: int = 0, world_size: int = 1, augment=None,
     ):
-        self.sampler = check_sampler(sampler)
-        if isinstance(batch_size, bool) or int(batch_size) < 1:
-            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if int(world_size) < 1 or not 0 <= int(rank) < int(world_size):
-            raise ConfigError(f"rank must be in 0..world_size-1 with world_size >= 1, got rank={rank}, world_size={world_size}")
         if not isinstance(dataset, DenseDataset):
             raise ConfigError(f"DenseBatchLoader needs a DenseDataset, got {type(dataset).__name__}; "
                               f"classification data sets use BatchLoader")
-        self.dataset, self.task = dataset, dataset.task
+        super().__init__(dataset, batch_size, sampler=sampler, drop_last=drop_last, seed=seed, rank=rank,
+                         world_size=world_size, num_labels=dataset.num_labels)
+        self.task = dataset.task
         self.augment = parse_augment(augment, self.task)
-        self.batch_size, self.drop_last = int(batch_size), bool(drop_last)
         self.device = torch.device(device)
-        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
-        self.global_batch = self.batch_size * self.world_size
         self.crop = self._crop_size()
         self.mean = self.std = None
         if dataset.mean is not None:
             self.mean = torch.tensor(dataset.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
             self.std = torch.tensor(dataset.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self._on_device: tuple[int | None, DenseDataset, object, object] = (None, dataset, None, None)
-        self.epoch_size = self._epoch_size()
-        if self.epoch_size == 0 and len(dataset):
-            quota = balanced_quota(self.global_batch, dataset.num_labels, dataset.num_groups)
-            raise ConfigError(
-                f"sampler 'balanced': the largest (group, label) cell of {dataset.name} has "
-                f"{int(dataset.cell_counts().max())} images, fewer than the per-cell quota {quota} = "
-                f"batch {self.global_batch} // {dataset.num_groups * dataset.num_labels} cells; use a smaller batch_size"
-            )
 
     def _crop_size(self) -> int | None:
         aug = self.augment
@@ -93,42 +78,10 @@ class DenseBatchLoader:
                               f"(the official VOC recipe crops 513)")
         return min(shape[1:])
 
-    def _epoch_size(self) -> int:
-        """Indices the sampler gives per epoch (all processes together)."""
-        if self.sampler != "balanced":
-            return len(self.dataset)
-        counts = self.dataset.cell_counts().flatten()
-        counts = counts[counts > 0]
-        if not counts.numel():
-            return 0
-        quota = balanced_quota(self.global_batch, self.dataset.num_labels, self.dataset.num_groups)
-        return int(counts.max()) // quota * quota * counts.numel()
-
-    def _global_batches(self) -> list[tuple[int, int]]:
-        full, rest = divmod(self.epoch_size, self.global_batch)
-        bounds = [(i * self.global_batch, (i + 1) * self.global_batch) for i in range(full)]
-        if rest and not self.drop_last:
-            bounds.append((full * self.global_batch, self.epoch_size))
-        return bounds
-
-    def __len__(self) -> int:
-        return len(self._global_batches())
-
-    @property
-    def num_samples(self) -> int:
-        """Rows this process receives per epoch (the sum of its batch sizes)."""
-        return sum(len(range(start + self.rank, stop, self.world_size)) for start, stop in self._global_batches())
-
     def indices(self, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The epoch's global index order and per-row transform parameters, on the CPU."""
         gen = epoch_generator(self.seed, epoch)
-        ds, n = self.dataset, len(self.dataset)
-        if self.sampler == "uniform":
-            order = uniform_indices(n, gen)
-        elif self.sampler == "sequential":
-            order = sequential_indices(n)
-        else:
-            order = balanced_indices(ds.labels, ds.groups, ds.num_labels, ds.num_groups, self.global_batch, gen)
+        order = self.order(gen)
         if self.task == "segmentation":
             aug = self.augment
             short = aug.short_range(aug.base_size or self.crop) if self.crop else (1, 1)
@@ -164,8 +117,8 @@ class DenseBatchLoader:
         order, params = self.indices(epoch)
         ds, images, masks = self._epoch_data(epoch)
         empty = self._empty_shape(ds)
-        for start, stop in self._global_batches():
-            rows = slice(start + self.rank, stop, self.world_size)
+        for start, stop in self.global_batches():
+            rows = self.rows(start, stop)
             idx = order[rows]
             p = {k: v[rows] for k, v in params.items()}
             if images is not None:
