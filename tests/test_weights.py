@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fairdistill.errors import ConfigError
+from fairdistill.errors import ConfigError, RunDirError
 from fairdistill.models import HookedModel
 from fairdistill.models.weights import load_weights, match_prefix, read_state_dict
 
@@ -62,17 +62,18 @@ def test_wrapped_checkpoints_safetensors_and_hooked_models(tmp_path):
     assert same(src, plain)
 
 
-def test_run_folders_need_result_json(tmp_path):
+def test_run_folders_need_result_json_and_a_verified_checkpoint(tmp_path):
     src = trained()
     run = tmp_path / "run"
     run.mkdir()
-    torch.save({"format": 1, "model": src.state_dict(), "optim": {}, "history": []}, run / "checkpoint.pt")
+    torch.save({"format": 2, "model": src.state_dict(), "checksum": "0" * 64}, run / "checkpoint.pt")
     with pytest.raises(ConfigError, match="not a finished run"):
         load_weights(Net(), run)
     (run / "result.json").write_text(json.dumps({"final": {}}))
-    dst = Net()
-    load_weights(dst, run)
-    assert same(src, dst)
+    with pytest.raises(RunDirError, match="not a run directory"):  # run folders load through engine/checkpoint.py
+        load_weights(Net(), run)
+    with pytest.raises(RunDirError, match="not a fairdistill checkpoint of format 2"):  # so do its files
+        load_weights(Net(), run / "checkpoint.pt")
 
 
 def test_a_head_of_another_size_is_refused_then_reinitialised(tmp_path):

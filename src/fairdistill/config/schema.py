@@ -13,7 +13,7 @@ from typing import Annotated, Literal, Union
 
 from ..registry import Range, from_dict
 
-__all__ = ["DataConfig", "ModelConfig", "OptimConfig", "RESUMABLE", "RunConfig", "ScheduleConfig", "StageConfig",
+__all__ = ["DataConfig", "FeaturesConfig", "ModelConfig", "OptimConfig", "RESUMABLE", "RunConfig", "ScheduleConfig", "StageConfig",
            "TeacherConfig", "config_changes", "from_dict", "stage_list", "stage_optim", "stage_schedule", "to_dict"]
 
 NonNegInt = Annotated[int, Range(ge=0)]
@@ -42,11 +42,35 @@ class DataConfig:
 
 
 @dataclass
+class FeaturesConfig:
+    """Feature positions of a model by module path (``fairdistill.models.external.adapt``).
+
+    ``stages``: capture points of the stage features, shallow to deep (``PATH`` or
+    ``PATH:input``; None: timm's ``feature_info`` or a ResNet's ``layer1..layer4``);
+    ``embedding``: the penultimate embedding's point (None: the classifier's input);
+    ``bns``: per stage the BatchNorm for OFD margins, or null (None: the one ``prerelu`` finds,
+    or the stage module when it is a BatchNorm); ``prerelu``: resolve each stage to its exact
+    pre-activation (a stage module's output is otherwise taken as it is, cloned so that an
+    in-place ReLU after it cannot overwrite it).
+    """
+
+    stages: Union[list[str], None] = None
+    embedding: Union[str, None] = None
+    bns: Union[list[Union[str, None]], None] = None
+    prerelu: bool = True
+
+
+@dataclass
 class ModelConfig:
-    """A zoo model (``fairdistill.models.MODELS``) and its options."""
+    """A model: a zoo name (``fairdistill.models.MODELS``, plugins' included) or an import path
+    (``package.module:factory``, ``torchvision:NAME``, ``timm:NAME``), its options, its feature
+    positions and the weights it starts from (``fairdistill.models.weights``)."""
 
     name: str = "mfd-cnn"
     options: dict = field(default_factory=dict)
+    features: Union[FeaturesConfig, None] = None  #: feature positions by module path (None: the model's own)
+    weights: str = ""  #: initial weights: a state dict, checkpoint or .safetensors file, or a finished run folder
+    weights_head: Literal["refuse", "reinit"] = "refuse"  #: a head of another shape: refuse, or drop and re-initialise
 
 
 @dataclass
@@ -175,6 +199,7 @@ class RunConfig:
     compile: bool = False  #: torch.compile the student's and teacher's forwards
     loggers: list[Literal["tensorboard", "csv", "wandb"]] = field(default_factory=list)  #: scalars per epoch (loggers.py)
     save_predictions: bool = False  #: write predictions.csv (one row per test item) at the final epoch
+    plugins: list[str] = field(default_factory=list)  #: modules imported before the config is checked (plugins.py)
 
 
 def to_dict(cfg) -> dict:

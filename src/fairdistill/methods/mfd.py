@@ -13,10 +13,12 @@ not grow with the number of cells in Python.
 """
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..errors import ConfigError
 from ..registry import Range
@@ -114,6 +116,17 @@ def joint_mmd_loss(
     return k_tt.mean() + k_ss.mean() - 2 * k_ts.mean()
 
 
+def embedding_connector(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> nn.Module:
+    """A linear map from student to teacher embeddings (per-sample shapes): ``nn.Linear`` for
+    vectors, a 1x1 ``nn.Conv2d`` (the same linear map at every position) for feature maps of one
+    spatial size, else ``nn.Linear`` on the flattened embeddings; PyTorch's initialisation."""
+    if len(student_shape) == 1 and len(teacher_shape) == 1:
+        return nn.Linear(student_shape[0], teacher_shape[0])
+    if len(student_shape) == 3 and len(teacher_shape) == 3 and student_shape[1:] == teacher_shape[1:]:
+        return nn.Conv2d(student_shape[0], teacher_shape[0], kernel_size=1)
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(student_shape), math.prod(teacher_shape)))
+
+
 @TERMS.register("mfd")
 class MFD(Term):
     """MFD term: ``(1/2) * mmd_loss`` on the student's and the frozen teacher's ``embedding``.
@@ -130,6 +143,11 @@ class MFD(Term):
         kernel: "rbf" (default) or "poly".
         joint:  True for the unconditioned ablation: a single MMD^2 between all teacher and all
                 student features. Default False.
+        connector: "none" (default, the paper: the embeddings are compared as they are, so they
+                must have as many values) or "linear": a linear map of the student's embedding
+                to the teacher's width (:func:`embedding_connector`), trained with the student.
+                A deviation from the paper, which distils between equal architectures: it lets
+                a ResNet-18 student (512-d) learn from a ResNet-50 teacher (2048-d).
     """
 
     tasks = ("classification",)
@@ -138,9 +156,10 @@ class MFD(Term):
     autocast = False  # kernel matrices and their exponentials in float32
 
     def __init__(self, sigma: Annotated[float, Range(gt=0)] = 1.0, kernel: Literal["rbf", "poly"] = "rbf",
-                 joint: bool = False):
+                 joint: bool = False, connector: Literal["none", "linear"] = "none"):
         super().__init__()
-        self.sigma, self.kernel, self.joint = sigma, kernel, joint
+        self.sigma, self.kernel, self.joint, self.connector_kind = sigma, kernel, joint, connector
+        self.connector: nn.Module | None = None
         self.num_classes: int | None = None
         self.num_groups: int | None = None
 
@@ -150,15 +169,20 @@ class MFD(Term):
         if t is None:
             raise ConfigError("mfd: needs a teacher (set teacher in the config)")
         ds, dt = s[0].numel(), t[0].numel()
-        if ds != dt:
+        if self.connector_kind == "linear":
+            self.connector = embedding_connector(tuple(s.shape[1:]), tuple(t.shape[1:])).to(ctx.device)
+        elif ds != dt:
             raise ConfigError(
                 f"mfd: the student's embedding has {ds} values per sample and the teacher's {dt}; "
-                f"MFD compares them directly, so use a teacher with the student's architecture"
+                f"MFD compares them directly: use a teacher with the student's architecture, or set "
+                f"terms.mfd.connector=linear (a linear map to the teacher's width, trained with the student)"
             )
         self.num_classes, self.num_groups = ctx.num_classes, ctx.num_groups
 
     def forward(self, inp: TermInput) -> torch.Tensor:
         s, t = inp.student.embedding, inp.teacher.embedding.detach()
+        if self.connector is not None:
+            s = self.connector(s)
         if self.joint:
             return 0.5 * joint_mmd_loss(s, t, self.sigma, self.kernel)
         return 0.5 * mmd_loss(

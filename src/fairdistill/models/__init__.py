@@ -12,11 +12,11 @@ from . import (  # noqa: F401  (register the zoo)
     cifar_cnn, deeplab, mobilenet, mobilenetv2, pyramidnet, resnet_cifar, resnet_imagenet, shufflenet, ssd, wrn,
 )
 from .base import MODELS, FeatureModel, FeatureNotComputed, Features, OutputsOnly, count_parameters
-from .external import adapt, build_external, check_logits, is_import_path
+from .external import adapt, build_external, check_factory_options, check_logits, is_import_path
 from .hooks import HookedModel
 
 __all__ = ["MODELS", "FeatureModel", "FeatureNotComputed", "Features", "HookedModel", "OutputsOnly", "build_model",
-           "count_parameters"]
+           "check_model_options", "count_parameters"]
 
 
 def build_model(name: str, num_classes: int, key: str = "model", features=None,
@@ -46,6 +46,15 @@ def build_model(name: str, num_classes: int, key: str = "model", features=None,
     if input_shape is not None:
         check_logits(model, input_shape, num_classes, f"{key}.name")
     return adapt(model, features, input_shape, key)
+
+
+def check_model_options(name: str, options: dict, key: str = "model") -> dict:
+    """``options`` of model ``name`` (a zoo name or an import path) checked against its
+    builder's signature and annotations, coerced; a ConfigError names ``key``."""
+    if is_import_path(name):
+        return check_factory_options(name, options, key)
+    return check_options(MODELS.get(name, key=f"{key}.name"), options, f"{key}.options",
+                         reserved={"num_classes": "nothing: the data set fixes the number of classes"})
 
 
 def data_options(builder, input_shape: Sequence[int] | None) -> dict:

@@ -8,7 +8,9 @@ Sources (:func:`read_state_dict`): a state dict file (``.pth``/``.pt``/``.tar``/
 ``torch.load(weights_only=True)``), a checkpoint that wraps it under ``state_dict`` or
 ``model`` (a fairdistill ``checkpoint.pt`` included), a ``.safetensors`` file (needs the
 ``safetensors`` package, imported only then: ``pip install 'fairdistill[weights]'``), or a
-finished run folder (its ``checkpoint.pt``; ``result.json`` must exist).
+finished run folder (its ``checkpoint.pt``, verified against the run's checksum and config
+fingerprint by ``engine/checkpoint.py``; ``result.json`` must exist; a fairdistill checkpoint
+file is verified likewise).
 
 Key prefixes: ``module.`` (DataParallel / DDP), ``model.`` (Lightning, a HookedModel) and
 ``_orig_mod.`` (``torch.compile``) are removed where that makes the keys match the model's
@@ -60,11 +62,17 @@ def read_state_dict(path: str | Path, key: str) -> dict[str, torch.Tensor]:
         if not (p / "result.json").is_file():
             raise ConfigError(f"{key}: {str(p)!r} is a folder but not a finished run (no result.json); name a "
                               "finished run folder or a weights file.")
-        p = p / "checkpoint.pt"
+        from ..engine.checkpoint import load_run_checkpoint  # verified: checksum and the run's fingerprint
+
+        return dict(load_run_checkpoint(p)["model"])
     if not p.is_file():
         raise ConfigError(f"{key}: no file {str(p)!r}; expected a state dict file (.pth/.pt read with "
                           "torch.load(weights_only=True), or .safetensors) or a finished run folder.")
     state = _read_file(p, key)
+    if isinstance(state, dict) and "checksum" in state and "format" in state:  # a fairdistill checkpoint: verify it
+        from ..engine.checkpoint import load_checkpoint
+
+        state = load_checkpoint(p)
     for wrapper in WRAPPERS:
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -141,8 +149,8 @@ def load_weights(model: nn.Module, path: str | Path, key: str = "model.weights",
         if head == "refuse" and any(is_head(k) for k in shapes + missing):
             hint = (f" The classifier head does not fit the data's {num_classes} classes: set {key}_head=reinit to "
                     "drop it from the file and start it afresh.")
-        raise ConfigError(f"{key}: {str(path)!r} does not fit the {type(target).__name__}; " + "; ".join(problems)
-                          + "." + hint)
+        raise ConfigError(f"{key}: weights do not fit the {type(target).__name__}: {str(path)!r} has "
+                          + "; ".join(problems) + "." + hint)
     loaded = {k: v for k, v in state.items() if k in own and k not in dropped}
     target.load_state_dict({**own, **loaded}, strict=True)
     return {"source": str(path), "prefix_removed": prefix, "loaded": len(loaded),
