@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .config import load_config
 from .engine import train
+from .packaged import find_dir
 from .errors import ConfigError, RunDirError
 from .report import TableRow, mfd_table
 from .rundir import RunDir
@@ -59,7 +60,7 @@ def table(rows: list[tuple[str, list]]) -> str:
 def run_demo(out: str = "runs/demo", configs: str = "configs/digits_s", seeds: int = 1, overrides=()) -> str:
     if not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"--seeds: the demo needs 1 seed or more, got {seeds!r}")
-    folder = Path(configs)
+    folder = find_dir(configs, "configs")  # from any folder: the packaged configs (packaged.py)
     if not (folder / TEACHER[1]).is_file():
         raise ConfigError(f"--configs: {folder} holds no {TEACHER[1]}; run the demo from the repository root or pass --configs")
     t0 = time.perf_counter()

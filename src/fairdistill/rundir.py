@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import RESUMABLE, RunConfig, apply_overrides, from_dict, parse_override, safe_load, to_dict, validate
+from .plugins import with_plugins
 from .errors import ConfigError, RunDirError
 
 log = logging.getLogger(__name__)
@@ -405,9 +406,10 @@ class RunDir:
         if not isinstance(data, dict):
             raise RunDirError(f"{self.config} is damaged (expected a mapping of keys)")
         try:
-            return from_dict(RunConfig, data, key="")
+            cfg = from_dict(RunConfig, data, key="")
         except ConfigError as e:
             raise RunDirError(f"{self.config} is damaged or from another version ({e})") from None
+        return with_plugins(cfg)  # the modules that register its models, data sets or terms
 
     def resume_config(self, overrides=()) -> RunConfig:
         """The saved config of this run, to continue it here: ``out`` is this folder, and

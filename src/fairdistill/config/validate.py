@@ -13,7 +13,7 @@ from ..data.augment import CropSpec
 from ..errors import ConfigError
 from ..methods import TERMS
 from ..methods.objective import RESERVED, build_terms
-from ..models import MODELS
+from ..models import check_model_options
 from ..registry import check_number, check_options, suggest
 from ..tasks import TASKS, task_of
 from .schema import RunConfig, stage_list, stage_optim, stage_schedule
@@ -45,8 +45,10 @@ def validate(cfg: RunConfig) -> None:
     check_crops(cfg.data, task)
     for key, model in (("model", cfg.model), ("teacher.model", cfg.teacher.model)):
         if model is not None:
-            model.options = check_options(MODELS.get(model.name, key=f"{key}.name"), model.options,
-                                          f"{key}.options", reserved=MODEL_RESERVED)
+            model.options = check_model_options(model.name, model.options, key)
+    if cfg.teacher.model is not None and cfg.teacher.model.weights:
+        raise ConfigError("teacher.model.weights: the teacher's weights come from teacher.checkpoint=FILE "
+                          "(or teacher.run=RUN_DIR), with teacher.model naming its architecture")
     for name, spec in cfg.terms.items():
         if not isinstance(spec, dict):
             raise ConfigError(f"terms.{name}: expected a mapping of term options, got {spec!r}")

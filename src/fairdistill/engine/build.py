@@ -20,6 +20,7 @@ from ..errors import ConfigError
 from ..methods.base import SetupContext
 from ..methods.objective import Objective
 from ..models import FeatureModel, build_model
+from ..models.weights import load_weights as load_weights_file
 from ..rundir import RunDir
 from ..tasks import TASKS, Task, task_of
 from .checkpoint import load_weights
@@ -111,32 +112,53 @@ def build_data(cfg: RunConfig, device: torch.device, dist: DistContext) -> RunDa
 # ----------------------------------------------------------------------------- models
 
 
-def load_teacher(cfg: RunConfig, num_classes: int, device: torch.device) -> FeatureModel | None:
-    """The frozen teacher named by ``cfg.teacher`` (a finished run, or a checkpoint file + model)."""
+def input_shape_of(dataset) -> tuple[int, ...] | None:
+    """(C, H, W) of a data set's stored images, or None for sets of varying sizes."""
+    shape = getattr(dataset, "image_shape", None)
+    return tuple(shape) if shape else None
+
+
+def build_run_model(model_cfg, outputs: int, input_shape=None, key: str = "model") -> FeatureModel:
+    """The model a ``ModelConfig`` names (zoo name or import path, options, feature positions)
+    with ``outputs`` outputs, for images of ``input_shape`` (C, H, W)."""
+    return build_model(model_cfg.name, outputs, key=key, features=model_cfg.features, input_shape=input_shape,
+                       **model_cfg.options)
+
+
+def build_student(cfg: RunConfig, outputs: int, data: RunData, device: torch.device,
+                  reports: dict | None = None) -> FeatureModel:
+    """The student on ``device``, initialised from ``model.weights`` when set
+    (``models/weights.py``); what was loaded goes to ``reports["student"]``."""
+    model = build_run_model(cfg.model, outputs, input_shape_of(data.test_set))
+    if cfg.model.weights:
+        report = load_weights_file(model, cfg.model.weights, "model.weights", outputs, cfg.model.weights_head)
+        if reports is not None:
+            reports["student"] = report
+    return model.to(device)
+
+
+def load_teacher(cfg: RunConfig, num_classes: int, device: torch.device, data: RunData | None = None,
+                 reports: dict | None = None) -> FeatureModel | None:
+    """The frozen teacher named by ``cfg.teacher`` (a finished run, or a weights file +
+    ``teacher.model``), loaded by ``models/weights.py``; what was loaded goes to
+    ``reports["teacher"]``. ``data`` gives the image shape for models adapted by module paths."""
     t = cfg.teacher
+    shape = input_shape_of(data.test_set) if data is not None else None
     if t.run:
         run = RunDir(t.run)
         if not run.finished:
             raise ConfigError(f"teacher.run: {t.run} is not a finished run (no result.json); train the teacher first")
-        tcfg = run.read_config()
-        model = build_model(tcfg.model.name, num_classes, key="teacher.model", **tcfg.model.options)
-        load_state(model, load_weights(run.checkpoint), f"teacher.run {t.run}")
+        model = build_run_model(run.read_config().model, num_classes, shape, "teacher.model")
+        report = load_weights_file(model, t.run, "teacher.run", num_classes)
     elif t.checkpoint:
         if t.model is None:
             raise ConfigError("teacher.model: needed with teacher.checkpoint (name the architecture)")
-        model = build_model(t.model.name, num_classes, key="teacher.model", **t.model.options)
-        try:
-            state = torch.load(t.checkpoint, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise ConfigError(f"teacher.checkpoint: {t.checkpoint} does not exist") from None
-        except Exception as e:
-            raise ConfigError(f"teacher.checkpoint: {t.checkpoint} cannot be loaded safely ({e})") from None
-        for key in ("model", "state_dict"):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-        load_state(model, state, f"teacher.checkpoint {t.checkpoint}")
+        model = build_run_model(t.model, num_classes, shape, "teacher.model")
+        report = load_weights_file(model, t.checkpoint, "teacher.checkpoint", num_classes)
     else:
         return None
+    if reports is not None:
+        reports["teacher"] = report
     model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -212,6 +234,6 @@ def load_run_model(path: str | Path, device: str | None = None) -> RunModel:
     d = cfg.data
     test = build_dataset(d.name, root=d.root, split="test", seed=cfg.seed, **d.options)
     task = build_task(cfg)
-    model = build_model(cfg.model.name, task.num_outputs(test), **cfg.model.options)
+    model = build_run_model(cfg.model, task.num_outputs(test), input_shape_of(test))
     load_state(model, load_weights(run.checkpoint), f"{run.checkpoint}")
     return RunModel(cfg, model.to(dev).eval(), task, test, dev)

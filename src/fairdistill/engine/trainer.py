@@ -18,11 +18,11 @@ from ..distributed import all_reduce_sum, barrier
 from ..distributed import setup as setup_distributed
 from ..errors import RunDirError, TrainingError
 from ..methods.objective import Objective
-from ..models import build_model, count_parameters
+from ..models import count_parameters
 from ..progress import Progress
 from ..rundir import RunDir, write_json, write_text
 from ..tasks import batch_size_of
-from .build import build_data, default_out, load_teacher, resolve_device, seed_everything, setup_terms
+from .build import build_data, build_student, default_out, load_teacher, resolve_device, seed_everything, setup_terms
 from .checkpoint import load_checkpoint, save_checkpoint
 from .evaluate import evaluate
 from .stages import STATELESS, Stage, lr_groups, make_optimizer, resolve_stages, scheduled_lr
@@ -66,7 +66,8 @@ class Trainer:
         self.task = self.data.task
         self.num_classes, self.num_groups = self.data.num_classes, self.data.num_groups
         outputs = self.task.num_outputs(self.data.train_set)
-        self.student = build_model(cfg.model.name, outputs, **cfg.model.options).to(self.device)
+        self.weights: dict = {}  # what model.weights / the teacher loaded (result.json)
+        self.student = build_student(cfg, outputs, self.data, self.device, self.weights)
         self.objective = Objective(cfg.terms, self.task).to(self.device)
         self.stages = resolve_stages(cfg, self.objective)
         self.steps_per_epoch = len(self.data.train_loader)
@@ -74,7 +75,7 @@ class Trainer:
             st.fit(self.steps_per_epoch)
         # a configured teacher is loaded only when a term needs it (a baseline may name one)
         needed = any(st.needs_teacher for st in self.stages)
-        self.teacher = load_teacher(cfg, outputs, self.device) if needed else None
+        self.teacher = load_teacher(cfg, outputs, self.device, self.data, self.weights) if needed else None
         self._teacher_bn_train = self.teacher is not None and any(
             (s.cfg.teacher_bn_mode or cfg.teacher.bn_mode) == "train" for s in self.stages)
         setup_terms(self.objective, self.student, self.teacher, self.data, cfg, self.device)
@@ -99,7 +100,7 @@ class Trainer:
                 f"{rd.path} already holds a finished run (result.json); it is never overwritten. "
                 "Choose another out=DIR, or evaluate it with `fairdistill eval`."
             )
-        if rd.started and not self.resume:
+        if rd.checkpoint.is_file() and not self.resume:  # a run that failed before its first epoch is retried
             raise RunDirError(f"{rd.path} holds an unfinished run; pass --resume to continue it, or choose another out=DIR")
         if self.resume and rd.config.is_file():
             diff = config_changes(rd.read_config(), self.cfg)
@@ -324,6 +325,7 @@ class Trainer:
             **{k: final[k] for k in self.task.details if k in final},
             "class_names": test_set.class_names, "group_names": test_set.group_names,
             "num_params": count_parameters(self.student),
+            "weights": self.weights,
             "world_size": self.dist.world_size,
             "wall_time_s": wall,
         }

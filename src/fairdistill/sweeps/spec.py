@@ -19,6 +19,7 @@ import yaml
 
 from ..config import from_dict, load_config, needs_teacher, parse_override, safe_load
 from ..errors import ConfigError
+from ..packaged import find_file
 from ..registry import check_choice, check_number, suggest
 from ..rundir import RunDir
 
@@ -92,7 +93,7 @@ def load_spec(path: str | Path, overrides: list[str] = (), out: str | None = Non
     With ``check_configs`` every row's config is loaded with its overrides (unknown file, key or
     name fail here, naming the row), so a bad spec fails before anything runs.
     """
-    path = Path(path)
+    path = find_file(path, "specs")  # a SPEC that is no path: the packaged specs (packaged.py)
     if not path.is_file():
         raise ConfigError(f"spec file {path} does not exist")
     try:
