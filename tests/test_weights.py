@@ -62,18 +62,23 @@ def test_wrapped_checkpoints_safetensors_and_hooked_models(tmp_path):
     assert same(src, plain)
 
 
-def test_run_folders_need_result_json_and_a_verified_checkpoint(tmp_path):
+def test_run_folders_are_read_verified_by_the_engine(tmp_path):
+    from fairdistill.engine.build import read_weights
+
     src = trained()
     run = tmp_path / "run"
     run.mkdir()
     torch.save({"format": 2, "model": src.state_dict(), "checksum": "0" * 64}, run / "checkpoint.pt")
+    with pytest.raises(ConfigError, match="is a folder; this reads weight files"):
+        load_weights(Net(), run)
     with pytest.raises(ConfigError, match="not a finished run"):
-        load_weights(Net(), run)
+        read_weights(run, "model.weights")
     (run / "result.json").write_text(json.dumps({"final": {}}))
-    with pytest.raises(RunDirError, match="not a run directory"):  # run folders load through engine/checkpoint.py
-        load_weights(Net(), run)
-    with pytest.raises(RunDirError, match="not a fairdistill checkpoint of format 2"):  # so do its files
-        load_weights(Net(), run / "checkpoint.pt")
+    with pytest.raises(RunDirError, match="not a run directory"):  # the verified reader wants its config.yaml
+        read_weights(run, "model.weights")
+    dst = Net()  # a checkpoint file itself is read unverified, like any weights file (teacher.checkpoint)
+    load_weights(dst, run / "checkpoint.pt")
+    assert same(src, dst)
 
 
 def test_a_head_of_another_size_is_refused_then_reinitialised(tmp_path):

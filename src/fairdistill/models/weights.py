@@ -6,11 +6,10 @@ Nothing is downloaded: the user hands in the file.
 
 Sources (:func:`read_state_dict`): a state dict file (``.pth``/``.pt``/``.tar``/... read with
 ``torch.load(weights_only=True)``), a checkpoint that wraps it under ``state_dict`` or
-``model`` (a fairdistill ``checkpoint.pt`` included), a ``.safetensors`` file (needs the
-``safetensors`` package, imported only then: ``pip install 'fairdistill[weights]'``), or a
-finished run folder (its ``checkpoint.pt``, verified against the run's checksum and config
-fingerprint by ``engine/checkpoint.py``; ``result.json`` must exist; a fairdistill checkpoint
-file is verified likewise).
+``model`` (a fairdistill ``checkpoint.pt`` included, unverified), or a ``.safetensors`` file
+(needs the ``safetensors`` package, imported only then: ``pip install 'fairdistill[weights]'``).
+A finished run folder is read by ``engine/build.py`` (``read_weights``: its checkpoint verified
+against its checksum and config fingerprint) and handed to :func:`load_weights` as ``state``.
 
 Key prefixes: ``module.`` (DataParallel / DDP), ``model.`` (Lightning, a HookedModel) and
 ``_orig_mod.`` (``torch.compile``) are removed where that makes the keys match the model's
@@ -59,20 +58,12 @@ def read_state_dict(path: str | Path, key: str) -> dict[str, torch.Tensor]:
     the config option in errors."""
     p = Path(path)
     if p.is_dir():
-        if not (p / "result.json").is_file():
-            raise ConfigError(f"{key}: {str(p)!r} is a folder but not a finished run (no result.json); name a "
-                              "finished run folder or a weights file.")
-        from ..engine.checkpoint import load_run_checkpoint  # verified: checksum and the run's fingerprint
-
-        return dict(load_run_checkpoint(p)["model"])
+        raise ConfigError(f"{key}: {str(p)!r} is a folder; this reads weight files (a finished run folder is read, "
+                          "verified, by fairdistill.engine.build.read_weights).")
     if not p.is_file():
         raise ConfigError(f"{key}: no file {str(p)!r}; expected a state dict file (.pth/.pt read with "
                           "torch.load(weights_only=True), or .safetensors) or a finished run folder.")
     state = _read_file(p, key)
-    if isinstance(state, dict) and "checksum" in state and "format" in state:  # a fairdistill checkpoint: verify it
-        from ..engine.checkpoint import load_checkpoint
-
-        state = load_checkpoint(p)
     for wrapper in WRAPPERS:
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -106,8 +97,9 @@ def _target(model: nn.Module) -> nn.Module:
 
 
 def load_weights(model: nn.Module, path: str | Path, key: str = "model.weights", num_classes: int | None = None,
-                 head: str = "refuse") -> dict:
-    """Copy the weights of ``path`` into ``model``; return what was loaded and left out.
+                 head: str = "refuse", state: dict[str, torch.Tensor] | None = None) -> dict:
+    """Copy the weights of ``path`` (or ``state``, the tensors already read from it) into
+    ``model``; return what was loaded and left out.
 
     Every model key must come from the file (BatchNorm ``num_batches_tracked`` counters may be
     absent) and the file may hold no other key, with equal shapes; otherwise a ConfigError
@@ -122,7 +114,7 @@ def load_weights(model: nn.Module, path: str | Path, key: str = "model.weights",
         raise ConfigError(f"{key}_head: expected one of {', '.join(HEAD_CHOICES)}, got {head!r}")
     target = _target(model)
     own = target.state_dict()
-    state, prefix = match_prefix(read_state_dict(path, key), set(own))
+    state, prefix = match_prefix(read_state_dict(path, key) if state is None else dict(state), set(own))
     counters = [k for k in own if k not in state and k.endswith("num_batches_tracked")]
     missing = [k for k in own if k not in state and k not in counters]
     unexpected = [k for k in state if k not in own and not k.endswith("num_batches_tracked")]
