@@ -21,9 +21,10 @@ from ..methods.base import SetupContext
 from ..methods.objective import Objective
 from ..models import FeatureModel, build_model
 from ..models.weights import load_weights as load_weights_file
+from ..models.weights import read_state_dict
 from ..rundir import RunDir
 from ..tasks import TASKS, Task, task_of
-from .checkpoint import load_weights
+from .checkpoint import load_run_checkpoint, load_weights
 
 
 def resolve_device(name: str) -> torch.device:
@@ -125,13 +126,29 @@ def build_run_model(model_cfg, outputs: int, input_shape=None, key: str = "model
                        **model_cfg.options)
 
 
+def read_weights(path, key: str) -> dict:
+    """The tensors of a weights source: a finished run folder (its checkpoint, verified by
+    ``engine/checkpoint.py``) or a file (``models.weights.read_state_dict``)."""
+    if Path(path).is_dir():
+        if not RunDir(path).finished:
+            raise ConfigError(f"{key}: {path} is a folder but not a finished run (no result.json); name a finished "
+                              "run folder or a weights file")
+        return dict(load_run_checkpoint(path)["model"])
+    return read_state_dict(path, key)
+
+
+def initialise(model: FeatureModel, path, key: str, outputs: int, head: str = "refuse") -> dict:
+    """Load ``path`` (:func:`read_weights`) into ``model`` (``models/weights.py``); the report."""
+    return load_weights_file(model, path, key, outputs, head, state=read_weights(path, key))
+
+
 def build_student(cfg: RunConfig, outputs: int, data: RunData, device: torch.device,
                   reports: dict | None = None) -> FeatureModel:
     """The student on ``device``, initialised from ``model.weights`` when set
     (``models/weights.py``); what was loaded goes to ``reports["student"]``."""
     model = build_run_model(cfg.model, outputs, input_shape_of(data.test_set))
     if cfg.model.weights:
-        report = load_weights_file(model, cfg.model.weights, "model.weights", outputs, cfg.model.weights_head)
+        report = initialise(model, cfg.model.weights, "model.weights", outputs, cfg.model.weights_head)
         if reports is not None:
             reports["student"] = report
     return model.to(device)
@@ -149,12 +166,12 @@ def load_teacher(cfg: RunConfig, num_classes: int, device: torch.device, data: R
         if not run.finished:
             raise ConfigError(f"teacher.run: {t.run} is not a finished run (no result.json); train the teacher first")
         model = build_run_model(run.read_config().model, num_classes, shape, "teacher.model")
-        report = load_weights_file(model, t.run, "teacher.run", num_classes)
+        report = initialise(model, t.run, "teacher.run", num_classes)
     elif t.checkpoint:
         if t.model is None:
             raise ConfigError("teacher.model: needed with teacher.checkpoint (name the architecture)")
         model = build_run_model(t.model, num_classes, shape, "teacher.model")
-        report = load_weights_file(model, t.checkpoint, "teacher.checkpoint", num_classes)
+        report = initialise(model, t.checkpoint, "teacher.checkpoint", num_classes)
     else:
         return None
     if reports is not None:
