@@ -116,7 +116,10 @@ def cmd_demo(args) -> int:
 def cmd_sweep(args) -> int:
     from .sweeps import load_spec, run_sweep
 
-    spec = load_spec(args.spec, args.overrides, out=args.out, jobs=args.jobs)
+    launcher = {key: getattr(args, key) for key in ("cluster", "partition", "account", "gpus_per_run", "cpus_per_run",
+                                                     "mem", "time", "max_parallel") if getattr(args, key) is not None}
+    launcher.update({"name": args.launcher} if args.launcher else {}, **({"wait": True} if args.wait else {}))
+    spec = load_spec(args.spec, args.overrides, out=args.out, jobs=args.jobs, launcher=launcher)
     try:
         summary = run_sweep(spec, dry_run=args.dry_run)
     except KeyboardInterrupt:
@@ -194,6 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--jobs", type=int, default=None, help="runs at once (default: the spec's jobs)")
     s.add_argument("--out", default=None, help="sweep folder (default: the spec's out, else runs/sweeps/<name>)")
     s.add_argument("--dry-run", action="store_true", help="print what would run, resume, be skipped or left alone")
+    s.add_argument("--launcher", choices=("local", "slurm"), default=None,
+                   help="local: processes on this machine (default); slurm: one SLURM job per run (submitit)")
+    s.add_argument("--cluster", choices=("slurm", "local"), default=None,
+                   help="with --launcher slurm: local runs the jobs on this machine (submitit's local executor)")
+    s.add_argument("--partition", default=None, help="SLURM partition of the jobs")
+    s.add_argument("--account", default=None, help="SLURM account of the jobs")
+    s.add_argument("--gpus-per-run", type=int, default=None, help="GPUs per run; N > 1: N DDP tasks in one job")
+    s.add_argument("--cpus-per-run", type=int, default=None, help="CPU cores per run (shared by its tasks)")
+    s.add_argument("--mem", default=None, help="memory per run, as sbatch --mem (32G)")
+    s.add_argument("--time", default=None, help="time limit per job, as sbatch --time (24:00:00); jobs requeue and resume")
+    s.add_argument("--max-parallel", type=int, default=None, help="at most this many runs at once on the cluster")
+    s.add_argument("--wait", action="store_true", help="with --launcher slurm: watch the jobs until all have ended")
     s.set_defaults(func=cmd_sweep)
 
     r = sub.add_parser("report", help="aggregate a sweep folder into the paper's table (Markdown, CSV, plot)")

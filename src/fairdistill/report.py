@@ -219,7 +219,12 @@ def write_report(folder: str | Path, plot: bool = True) -> tuple[str, list[Path]
                for c in collected]
     with_paper = any(e.paper for e in entries)
     table, records = (mfd_table if spec.layout == "mfd" else ofd_table)(entries, with_paper)
-    parts = [f"# {spec.title or spec.name}", "", describe_measure(spec), "", table]
+    parts = [f"# {spec.title or spec.name}", "", describe_measure(spec), ""]
+    busy = sum(c.busy for c in collected)
+    if busy:
+        parts += [f"**Partial:** {busy} run(s) still queued or running; the table holds the finished runs only "
+                  f"(`Runs` counts them). Run `fairdistill report {folder}` again when they have ended.", ""]
+    parts.append(table)
     missing = [f"- {c.row.name}: {', '.join(c.missing)}" for c in collected if c.missing]
     if missing:
         parts += ["", "Runs without a result (n/a where none finished):", *missing]

@@ -167,44 +167,40 @@ def describe_plan(plans: list[RunPlan]) -> str:
     return "\n".join(lines)
 
 
-def run_state(path: Path, owner: dict) -> tuple[str, dict | None]:
-    """(state, result) of one run of a sweep folder: done, failed, unfinished, not run, foreign."""
-    marker = read_marker(path)
-    if not owned(marker, owner):
-        return ("not run", None) if marker is None and not path.exists() else ("not this sweep's run", None)
-    rd = RunDir(path)
-    if rd.finished:
-        return "done", rd.read_result()
-    return ("failed" if marker.get("status") == "failed" else "unfinished"), None
-
-
 @dataclass
 class RowResults:
     """A table row of a sweep folder: the results of its finished runs, and what happened to the
-    others (``missing``: "seed 2 failed", ...)."""
+    others (``missing``: "seed 2 failed", "seed 3 queued (job 812, pending)", ...; ``busy``: how
+    many of them are still queued or running)."""
 
     row: RowSpec
     results: list
     missing: list
+    busy: int = 0
 
 
 def collect(folder: str | Path) -> tuple[SweepSpec, list[RowResults]]:
-    """The saved spec of sweep folder ``folder`` and the runs of each table row."""
+    """The saved spec of sweep folder ``folder`` and the runs of each table row, each unfinished
+    run with its state (:mod:`.state`: the scheduler is asked about the jobs of ``jobs.json``)."""
+    from .state import folder_states  # state reads markers through this module
+
     folder = Path(folder)
     f = folder / SPEC_COPY
     if not f.is_file():
         raise RunDirError(f"{folder}: no {SPEC_COPY}, so not a sweep folder; run `fairdistill sweep SPEC` first")
     spec = load_spec(f, check_configs=False)
+    rows = [row for row in spec.rows if row.table]
+    runs = [(run_path(folder, row, s), owner_of(spec, row, s)) for row in rows for s in row.seeds]
+    states = iter(folder_states(folder, runs))
     entries = []
-    for row in spec.rows:
-        if not row.table:
-            continue
-        results, missing = [], []
+    for row in rows:
+        results, missing, busy = [], [], 0
         for s in row.seeds:
-            state, result = run_state(run_path(folder, row, s), owner_of(spec, row, s))
-            if result is not None:
-                results.append(result)
+            st = next(states)
+            if st.state == "done":
+                results.append(RunDir(run_path(folder, row, s)).read_result())
             else:
-                missing.append(f"seed {s} {state}")
-        entries.append(RowResults(row, results, missing))
+                missing.append(f"seed {s} {st.detail if st.state == 'foreign' else st.describe()}")
+                busy += st.busy
+        entries.append(RowResults(row, results, missing, busy))
     return spec, entries

@@ -1,8 +1,14 @@
 """Running a sweep locally: every (row, seed) in its own ``python -m fairdistill train``
 process, at most ``jobs`` at once, teachers before the rows that need them, with one progress
-line; Ctrl-C or SIGTERM stop the runs (each keeps its last checkpoint) and a re-run resumes."""
+line; Ctrl-C or SIGTERM stop the runs (each keeps its last checkpoint) and a re-run resumes.
+
+Each run's process dies with the sweep (:mod:`.child`), also when the sweep is killed with
+SIGKILL; SIGINT and SIGTERM stop a sweep also when it was started with SIGINT ignored (as a
+non-interactive shell starts background processes). Runs that are running or queued elsewhere
+(a SLURM job of the same sweep, see :mod:`.state`) are left to them."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -15,8 +21,10 @@ from pathlib import Path
 
 from ..progress import format_seconds
 from ..rundir import RunDir, write_json
-from .plan import FolderLock, RunPlan, claim_folder, describe_plan, owner_of, plan_sweep
+from .jobs import process_alive, this_host
+from .plan import FolderLock, RunPlan, claim_folder, describe_plan, owner_of, plan_sweep, read_marker
 from .spec import LOG, MARKER, STATUS, SweepSpec
+from .state import describe_states, plan_states
 
 
 def cpu_count() -> int:
@@ -55,7 +63,8 @@ class SweepSummary:
 
     @property
     def ok(self) -> bool:
-        return not any(self.counts.get(k) for k in ("failed", "skipped", "conflict"))
+        """Every run finished (``busy``: left to a job or process elsewhere, is not finished)."""
+        return not any(self.counts.get(k) for k in ("failed", "skipped", "conflict", "busy", "interrupted"))
 
 
 class SweepProgress:
@@ -74,10 +83,11 @@ class SweepProgress:
     def line(self) -> str:
         c = Counter(p.status for p in self.plans)
         elapsed = time.perf_counter() - self.t0
-        remaining = c["pending"] + c["running"]
+        remaining = c["pending"] + c["running"] + c["queued"]
         eta = format_seconds(elapsed / self.ended_now * remaining) if self.ended_now else "?"
+        queued = f", {c['queued']} queued" if c["queued"] else ""
         return (f"[{c['done']}/{len(self.plans)} done, {c['failed']} failed, {c['skipped'] + c['conflict']} skipped, "
-                f"{c['running']} running; {format_seconds(elapsed)} elapsed, ETA {eta}]")
+                f"{c['running']} running{queued}; {format_seconds(elapsed)} elapsed, ETA {eta}]")
 
     def event(self, text: str) -> None:
         clear = "\r\x1b[K" if self.live else ""
@@ -107,20 +117,24 @@ class _Sweep:
         self.threads = max(1, cpu_count() // spec.jobs)
         self.running: dict[RunPlan, tuple[subprocess.Popen, object, float]] = {}
 
-    def mark(self, p: RunPlan, status: str) -> None:
+    def mark(self, p: RunPlan, status: str, pid: int | None = None) -> None:
+        """Set ``p.status``; record it in the run's ``sweep.json`` (with the writer's process while it runs)."""
         p.status = status
         if status in ("running", "done", "failed", "interrupted"):
-            write_json(p.path / MARKER, {**owner_of(self.spec, p.row, p.seed), "status": status, "log": LOG})
+            writer = {"pid": pid, "host": this_host(), "sweep_pid": os.getpid()} if pid is not None else {}
+            write_json(p.path / MARKER, {**owner_of(self.spec, p.row, p.seed), "status": status, "log": LOG, **writer})
 
     def start(self, p: RunPlan) -> None:
         p.path.mkdir(parents=True, exist_ok=True)
         self.mark(p, "running")
         argv = list(p.argv) + ([f"threads={self.threads}"] if p.cfg.threads == 0 else [])
-        cmd = [sys.executable, "-m", "fairdistill", "train", p.row.config, *argv] + (["--resume"] if p.action == "resume" else [])
+        train = ["train", p.row.config, *argv] + (["--resume"] if p.action == "resume" else [])
+        cmd = [sys.executable, "-m", "fairdistill.sweeps.child", str(os.getpid()), *train]
         log = open(p.path / LOG, "a")
-        log.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} sweep {self.spec.name}: {' '.join(cmd[1:])}\n")
+        log.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} sweep {self.spec.name}: fairdistill {' '.join(train)}\n")
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env())
+        self.mark(p, "running", pid=proc.pid)
         self.running[p] = (proc, log, time.perf_counter())
         self.progress.event(f"{'resume' if p.action == 'resume' else 'start'} {p.label}")
 
@@ -141,13 +155,15 @@ class _Sweep:
             self.progress.event(f"FAILED {p.label}: {p.reason}")
 
     def loop(self) -> None:
-        todo = [p for p in self.plans if p.action in ("run", "resume")]
+        todo = [p for p in self.plans if p.status == "pending"]
         while todo or self.running:
             for p in list(todo):
                 t = p.teacher
-                if t is not None and t.status in ("failed", "skipped", "conflict"):
+                if t is not None and t.status in ("failed", "skipped", "conflict", "busy"):
                     todo.remove(p)
-                    p.status, p.reason = "skipped", f"its teacher {t.label} {'was ' if t.status == 'skipped' else ''}{t.status}"
+                    why = f"is {t.reason}; run the sweep again when it has finished" if t.status == "busy" else \
+                        f"{'was ' if t.status == 'skipped' else ''}{t.status}"
+                    p.status, p.reason = "skipped", f"its teacher {t.label} {why}"
                     self.progress.event(f"skip {p.label}: {p.reason}")
             while len(self.running) < self.spec.jobs:
                 ready = next((p for p in todo if p.teacher is None or p.teacher.status == "done"), None)
@@ -189,12 +205,36 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def stop_signals():
+    """SIGTERM (a scheduler, ``kill``) and SIGINT raise KeyboardInterrupt inside, so a sweep
+    stops as on Ctrl-C, also when SIGINT came in ignored (a script's background job inherits it
+    so); the previous handlers come back after. Outside the main thread it changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    if previous[signal.SIGINT] in (signal.SIG_IGN, signal.SIG_DFL, None):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
 def run_sweep(spec: SweepSpec, dry_run: bool = False, stream=None) -> SweepSummary:
     """Run every (row, seed) of ``spec`` (see the module docstring) and return what happened.
 
     ``dry_run`` prints the plan (run / resume / skip / conflict per run) and writes nothing.
+    A spec whose ``launcher.name`` is ``slurm`` goes to :func:`fairdistill.sweeps.slurm.submit_sweep`.
     """
     stream = stream or sys.stderr
+    if spec.launcher.name == "slurm":
+        from .slurm import submit_sweep
+
+        return submit_sweep(spec, dry_run=dry_run, stream=stream)
     claim_folder(spec, write=False)
     if dry_run:
         plans = plan_sweep(spec)
@@ -204,28 +244,53 @@ def run_sweep(spec: SweepSpec, dry_run: bool = False, stream=None) -> SweepSumma
         return _run(spec, plan_sweep(spec), stream)
 
 
+def await_orphans(spec: SweepSpec, plans: list[RunPlan], stream, timeout: float = 30.0) -> None:
+    """Wait (up to ``timeout`` s) for the runs of a killed local sweep of this folder to stop.
+
+    They die with their sweep (:mod:`.child`), but take a moment to; the caller holds the
+    folder's lock, so no live sweep owns them.
+    """
+    orphans = []
+    for p in plans:
+        m = read_marker(p.path) or {}
+        pid, sweep_pid = m.get("pid"), m.get("sweep_pid")
+        if (m.get("status") == "running" and isinstance(pid, int) and isinstance(sweep_pid, int)
+                and m.get("host") == this_host() and not process_alive(sweep_pid) and process_alive(pid)):
+            orphans.append(pid)
+    if not orphans:
+        return
+    stream.write(f"waiting for {len(orphans)} run(s) of a sweep that was killed to stop (process "
+                 f"{', '.join(map(str, orphans))})\n")
+    deadline = time.monotonic() + timeout
+    while any(process_alive(pid) for pid in orphans) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def _run(spec: SweepSpec, plans: list[RunPlan], stream) -> SweepSummary:
     claim_folder(spec, write=True)
+    await_orphans(spec, plans, stream)
+    states = plan_states(spec, plans)
     for p in plans:
         p.status = {"skip": "done", "conflict": "conflict"}.get(p.action, "pending")
         if p.action == "conflict":
             stream.write(f"not touched: {p.label}: {p.reason}\n")
+        elif p.status == "pending" and states[p].busy:
+            p.status, p.reason = "busy", states[p].describe()
+    listing = describe_states(plans, states, everything=False)
+    if listing:
+        stream.write(listing + "\n")
     sweep = _Sweep(spec, plans, stream)
     reused = sum(p.action == "skip" for p in plans)
     stream.write(f"sweep {spec.name}: {len(plans)} runs ({reused} already finished) in {spec.out}, "
                  f"{spec.jobs} at a time, {sweep.threads} thread(s) each\n")
     t0 = time.perf_counter()
-    # SIGTERM (a scheduler, `kill`) stops a sweep as Ctrl-C does: its runs stop and can be resumed
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None
     try:
-        sweep.loop()
+        with stop_signals():
+            sweep.loop()
     except KeyboardInterrupt:
         sweep.interrupt()
         raise
     finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
         sweep.progress.close()
         counts = dict(Counter(p.status for p in plans))
         problems = [f"{p.status}: {p.label}: {p.reason}" for p in plans if p.status in ("failed", "skipped", "conflict")]

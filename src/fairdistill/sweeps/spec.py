@@ -6,7 +6,9 @@ config with its overrides (unknown file, key or name fail here, naming the row).
 (config files, ``out``) are relative to the current directory, as on the command line.
 
 The layouts (``LAYOUTS``) are those of :mod:`fairdistill.report`: ``mfd`` (accuracy, DEO_A,
-DEO_M as mean ± std over seeds) and ``ofd`` (error rate, median of runs).
+DEO_M as mean ± std over seeds), ``ofd`` (error rate, median of runs), and for dense runs ``seg``
+(mIoU, mIoU gap between groups, DEO_A/DEO_M on per-(group, class) pixel recall, IoU gaps) and
+``det`` (mAP, mAP gap, AP gaps, DEO_A/DEO_M on per-(group, class) recall), mean ± std over seeds.
 """
 from __future__ import annotations
 
@@ -22,9 +24,16 @@ from ..errors import ConfigError
 from ..packaged import find_file
 from ..registry import check_choice, check_number, suggest
 from ..rundir import RunDir
+from .launcher import LauncherSpec, check_launcher
 
-LAYOUTS = {"mfd": ("accuracy", "deo_a", "deo_m"), "ofd": ("error",)}
-"""Table layout -> the metrics of its paper columns."""
+LAYOUTS = {
+    "mfd": ("accuracy", "deo_a", "deo_m"),
+    "ofd": ("error",),
+    "seg": ("miou", "miou_gap", "deo_a", "deo_m", "iou_gap_a", "iou_gap_m"),
+    "det": ("map", "map_gap", "ap_gap_a", "ap_gap_m", "deo_a", "deo_m"),
+}
+"""Table layout -> the metrics of its paper columns (``seg``/``det``: keys of a dense run's
+``result.json`` ``final``, ``fairdistill.tasks``' ``final_keys``)."""
 MARKER = "sweep.json"  #: ownership marker in each run directory of a sweep
 LOG = "train.log"  #: each run's captured output, next to its files
 SPEC_COPY = "spec.yaml"  #: the effective spec, saved in the sweep folder when it starts
@@ -40,7 +49,7 @@ class RowSpec:
     row's run of the same seed, or of ``teacher_seed``). ``seeds`` overrides the spec's seeds
     (e.g. ``[0]`` for a teacher trained once). ``table: false`` hides the row from the report.
     ``paper`` holds the paper's values: ``accuracy``/``deo_a``/``deo_m`` as ``[mean, std]`` (mfd
-    layout) or ``error`` (ofd layout). ``label``/``column`` place the row in the report (ofd:
+    layout), ``error`` (ofd layout) or the seg/det layout's metrics (e.g. ``miou``), in %. ``label``/``column`` place the row in the report (ofd:
     a ``column`` pivots the table); ``dir`` is its folder in the sweep (default: the name, slugged).
     """
 
@@ -63,7 +72,8 @@ class SweepSpec:
 
     ``teacher_seed``: None gives every student the teacher run of its own seed; an integer gives
     every student that seed's teacher run (the official MFD README used the seed-0 teacher).
-    ``overrides`` apply to every run, before each row's own.
+    ``overrides`` apply to every run, before each row's own. ``launcher`` says where the runs
+    run (:class:`~fairdistill.sweeps.launcher.LauncherSpec`: local processes or SLURM jobs).
     """
 
     name: str = ""
@@ -76,6 +86,7 @@ class SweepSpec:
     teacher_seed: Union[int, None] = None
     paper_source: str = ""
     rows: list = field(default_factory=list)
+    launcher: LauncherSpec = field(default_factory=LauncherSpec)
 
     def row(self, name: str) -> RowSpec:
         return next(r for r in self.rows if r.name == name)
@@ -87,8 +98,9 @@ def slug(name: str) -> str:
 
 
 def load_spec(path: str | Path, overrides: list[str] = (), out: str | None = None, jobs: int | None = None,
-              check_configs: bool = True) -> SweepSpec:
-    """Read and validate a spec; ``overrides``, ``out`` and ``jobs`` come from the command line.
+              check_configs: bool = True, launcher: dict | None = None) -> SweepSpec:
+    """Read and validate a spec; ``overrides``, ``out``, ``jobs`` and ``launcher`` (keys of the
+    ``launcher:`` section, over the spec's) come from the command line.
 
     With ``check_configs`` every row's config is loaded with its overrides (unknown file, key or
     name fail here, naming the row), so a bad spec fails before anything runs.
@@ -102,6 +114,10 @@ def load_spec(path: str | Path, overrides: list[str] = (), out: str | None = Non
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a spec must be a mapping (name, seeds, rows, ...), got {type(data).__name__}")
+    if isinstance(data.get("launcher"), str):  # `launcher: slurm` is short for `launcher: {name: slurm}`
+        data["launcher"] = {"name": data["launcher"]}
+    if launcher and isinstance(data.get("launcher") or {}, dict):
+        data["launcher"] = {**(data.get("launcher") or {}), **launcher}
     try:
         spec = from_dict(SweepSpec, data)
         rows = []
@@ -149,6 +165,7 @@ def check_spec(spec: SweepSpec, where: str = "spec") -> None:
         check_choice(spec.layout, LAYOUTS, "layout")
         _check_seeds(spec.seeds, "seeds")
         check_number(spec.jobs, "jobs", integer=True, ge=1)
+        check_launcher(spec.launcher)
         _check_overrides(spec.overrides, "overrides")
         if not spec.rows:
             raise ConfigError("rows: a spec needs at least one row ({name, config})")
