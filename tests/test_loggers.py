@@ -162,3 +162,75 @@ def test_wandb_mode_goes_online_only_with_a_key_and_an_answering_host(monkeypatc
     assert loggers.wandb_mode(timeout=0.5) == "offline"  # a key, but the host refuses
     monkeypatch.setenv("WANDB_MODE", "online")
     assert loggers.wandb_mode() == "online"  # the user's choice wins
+
+
+# ----------------------------------------------------------------------------- progress line
+
+
+class Stream(io.StringIO):
+    def isatty(self):
+        return False
+
+
+def test_progress_line_shows_rate_lr_and_the_runs_eta(monkeypatch):
+    from fairdistill import progress
+
+    now = [100.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
+    clock = progress.RunClock(total=40)  # e.g. 4 epochs of 10 steps
+    clock.done = 10  # one epoch done, 20 s after the start
+    now[0] = 120.0
+    out = Stream()
+    bar = progress.Progress(10, "mfd main 2/4", stream=out, clock=clock)
+    for _ in range(5):
+        now[0] += 2.0
+        bar.update(1, "loss 0.5000", images=64, lr=1e-3)
+    assert out.getvalue() == ""  # not a terminal: nothing until close
+    bar.close("loss 0.4000 acc 0.9000")
+    line = out.getvalue()
+    # 5 of 10 steps in 10 s; 320 images in 10 s; run: 15 of 40 steps in 30 s -> 50 s left
+    assert line == "mfd main 2/4 [##########..........] 5/10 0:10<0:10 32 img/s lr 0.001 loss 0.4000 acc 0.9000 | run 0:30<0:50 38%\n"
+    assert progress.RunClock(5).text() == "run 0:00<? 0%"
+
+
+# ----------------------------------------------------------------------------- in training
+
+
+def small_config(out, **extra):
+    from fairdistill.config import load_config
+
+    return load_config(data={"data": {"batch_size": 64}, "model": {"options": {"image_size": 8}}, "epochs": 2,
+                             "eval_every": 2, "progress": False, "out": str(out), **extra})
+
+
+def test_training_writes_metrics_csv_and_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from fairdistill.engine.trainer import Trainer
+    from fairdistill.plots import read_metrics
+
+    out = tmp_path / "run"
+    trainer = Trainer(small_config(out, loggers=["csv", "tensorboard"]))
+    trainer.run()
+    assert trainer.clock.done == trainer.clock.total == 2 * trainer.steps_per_epoch  # the run's ETA counted every step
+    history = read_metrics(out / "metrics.jsonl")
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert len(rows) == len(history) == 2
+    for row, rec in zip(rows, history):
+        assert float(row["train/loss"]) == rec["train"]["loss"] and float(row["lr"]) == rec["lr"]
+    assert rows[0]["test/accuracy"] == ""  # eval_every=2: no test metrics in epoch 1
+    for key in ("accuracy", "deo_a", "deo_m", "dp_a", "dp_m", "eodds_a", "eodds_m", "worst_group_accuracy", "loss"):
+        assert float(rows[1][f"test/{key}"]) == history[1]["test"][key]
+    tb = _tb_scalars(out)
+    assert tb["test/deo_m"] == [(2, pytest.approx(history[1]["test"]["deo_m"], rel=1e-6))]
+    assert [s for s, _ in tb["train/loss"]] == [1, 2]
+
+
+def test_missing_logger_package_fails_before_training(tmp_path, monkeypatch, capsys):
+    from fairdistill.cli import main
+
+    real = loggers.importlib.util.find_spec
+    monkeypatch.setattr(loggers.importlib.util, "find_spec", lambda name: None if name == "tensorboard" else real(name))
+    out = tmp_path / "run"
+    assert main(["train", "configs/digits_s/scratch.yaml", f"out={out}", "loggers=[tensorboard]", "epochs=1"]) == 2
+    assert "pip install 'fairdistill[tensorboard]'" in capsys.readouterr().err
+    assert not out.exists()  # nothing was built or written

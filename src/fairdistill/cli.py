@@ -6,12 +6,14 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from . import __version__
 from .errors import ConfigError, FairdistillError
 
 log = logging.getLogger("fairdistill")
+_STARTED = time.perf_counter()  # the command's start: result.json's startup_s counts from here
 
 
 def _pct(v) -> str:
@@ -54,11 +56,13 @@ def cmd_train(args) -> int:
 
     cfg = train_config(args.config, args.overrides, args.resume)
     try:
-        result = train(cfg, resume=args.resume)
+        result = train(cfg, resume=args.resume, started=_STARTED)
     except KeyboardInterrupt:
         print(f"fairdistill: interrupted; continue with: fairdistill train --resume {cfg.out or default_out(cfg)}",
               file=sys.stderr)
         return 130
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return 0
     f = result["final"]
     print(f"finished {cfg.name}: accuracy {_pct(f['accuracy'])}  DEO_A {_pct(f['deo_a'])}  DEO_M {_pct(f['deo_m'])}  "
           f"({result['wall_time_s']:.1f} s)")
@@ -90,9 +94,11 @@ def cmd_eval(args) -> int:
     from .rundir import RunDir
 
     warn_run_state(args.run_dir)
-    metrics = evaluate_run(args.run_dir, device=args.device)
+    metrics = evaluate_run(args.run_dir, device=args.device, predictions=args.predictions)
     rd = RunDir(args.run_dir)
     metrics["finished"], metrics["epochs_done"] = rd.finished, (checkpoint_progress(rd.checkpoint) or {}).get("epochs_done")
+    if args.predictions:
+        print(f"predictions written: {args.predictions}", file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
@@ -182,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--device", default=None, help="override the run's device (cpu, cuda)")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    e.add_argument("--predictions", default=None, metavar="FILE.csv",
+                   help="also write one row per test item: index, label, group, prediction, class probabilities "
+                        "(classification runs)")
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="teacher and students on the embedded digits-s data set, as one table")

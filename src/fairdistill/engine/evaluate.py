@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..distributed import DistContext
+from ..predictions import PredictionRecorder, check_task, write_predictions
 from ..tasks import Task
 from .build import load_run_model
 from .step import Precision
@@ -13,11 +14,12 @@ from .step import Precision
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, task: Task, num_classes: int, num_groups: int,
-             precision: Precision | None = None, dist_ctx: DistContext = DistContext()) -> dict:
+             precision: Precision | None = None, dist_ctx: DistContext = DistContext(), recorder=None) -> dict:
     """The task's metrics of ``model`` on one pass of ``loader`` (the task's evaluator:
     classification gives loss, accuracy, DEO_A, DEO_M, DP and equalized-odds gaps and the cell
     tables). Under torchrun each process evaluates its share of every batch and the counts are
-    summed (detections gathered)."""
+    summed (detections gathered). ``recorder`` (a :class:`~fairdistill.predictions.PredictionRecorder`)
+    also receives every batch's outputs."""
     precision = precision or Precision()
     was_training = model.training
     model.eval()
@@ -26,15 +28,25 @@ def evaluate(model: nn.Module, loader, task: Task, num_classes: int, num_groups:
         with precision.autocast():
             outputs = model(precision.input(x))
         evaluator.update(outputs, target, g)
+        if recorder is not None:
+            recorder.update(outputs, target, g)
     model.train(was_training)
     return evaluator.result(dist_ctx)
 
 
-def evaluate_run(path: str, device: str | None = None) -> dict:
-    """Re-evaluate the checkpoint of the run in ``path`` on its test set (nothing is written)."""
+def evaluate_run(path: str, device: str | None = None, predictions: str | None = None) -> dict:
+    """Re-evaluate the checkpoint of the run in ``path`` on its test set; nothing is written
+    except, with ``predictions`` (a file), the per-item predictions (``fairdistill.predictions``;
+    classification runs only)."""
     run = load_run_model(path, device)
     test = run.test_set
-    out = evaluate(run.model, run.test_loader(), run.task, test.num_classes, test.num_groups,
-                   Precision(run.device.type, run.cfg.amp))
+    if predictions:
+        check_task(run.task.name, "--predictions")
+    recorder = PredictionRecorder() if predictions else None
+    loader = run.test_loader()
+    out = evaluate(run.model, loader, run.task, test.num_classes, test.num_groups,
+                   Precision(run.device.type, run.cfg.amp), recorder=recorder)
+    if recorder is not None:
+        write_predictions(predictions, recorder.result(), test.class_names)
     out["class_names"], out["group_names"] = test.class_names, test.group_names
     return out

@@ -18,10 +18,12 @@ from ..distributed import all_reduce_sum, barrier
 from ..distributed import setup as setup_distributed
 from ..errors import RunDirError, TrainingError
 from ..methods.objective import Objective
+from ..loggers import RunLoggers, check_loggers, open_loggers
 from ..models import count_parameters
-from ..progress import Progress
+from ..predictions import PredictionRecorder, check_task, write_predictions
+from ..progress import Progress, RunClock
 from ..rundir import RunDir, write_json, write_text
-from ..tasks import batch_size_of
+from ..tasks import batch_size_of, task_of
 from .build import build_data, build_student, default_out, load_teacher, resolve_device, seed_everything, setup_terms
 from .checkpoint import load_checkpoint, save_checkpoint
 from .evaluate import evaluate
@@ -47,14 +49,23 @@ class Trainer:
 
     ``callbacks`` are called as ``cb(trainer, record)`` after each epoch's checkpoint is
     written (sweeps use them for progress; tests use them to simulate a kill). Under torchrun
-    every process builds the same run; only rank 0 writes files.
+    every process builds the same run; only rank 0 writes files, logs (``cfg.loggers``) and
+    prints. ``started``: the ``time.perf_counter()`` at which the invocation started (the CLI's
+    start, imports included; default: this constructor's start); ``result.json``'s
+    ``startup_s`` is the time from there to the first training step.
     """
 
-    def __init__(self, cfg: RunConfig, resume: bool = False, callbacks: list[Callable] = (), log=print):
+    def __init__(self, cfg: RunConfig, resume: bool = False, callbacks: list[Callable] = (), log=print,
+                 started: float | None = None):
+        self.started = time.perf_counter() if started is None else started
+        self.clock: RunClock | None = None  # the run's steps, set when it starts
         self.cfg, self.resume, self.callbacks, self.log = cfg, resume, list(callbacks), log
         self.run_dir = RunDir(cfg.out or default_out(cfg))
         self._check_run_dir()
         check_teacher(cfg)
+        check_loggers(cfg.loggers)
+        if cfg.save_predictions:
+            check_task(task_of(cfg.data.name), "save_predictions")
         resolve_device(cfg.device)
         self.dist, self.device = setup_distributed(cfg.device)
         self.is_main = self.dist.is_main
@@ -188,7 +199,7 @@ class Trainer:
         counts: dict[str, torch.Tensor] = {}
         n = 0
         bar = Progress(steps, f"{self.cfg.name or 'run'} {stage.cfg.name} {epoch + 1}/{stage.epochs}",
-                       enabled=self.cfg.progress and self.is_main)
+                       enabled=self.cfg.progress and self.is_main, clock=self.clock)
         for i, batch in enumerate(self.data.train_loader.epoch(global_epoch)):
             if i == steps:
                 break
@@ -204,7 +215,8 @@ class Trainer:
             for k, v in batch_counts.items():
                 counts[k] = counts.get(k, 0.0) + v.double()
             n += b
-            bar.update(1, f"loss {parts['loss'].item():.4f}")
+            bar.update(1, f"loss {parts['loss'].item():.4f}", images=b * self.dist.world_size,
+                       lr=main.param_groups[0]["lr"] if main is not None else None)
         keys, count_keys = sorted(sums), sorted(counts)
         values = [torch.as_tensor(sums[k], dtype=torch.float64, device=self.device) for k in keys]
         values += [torch.as_tensor(counts[k], dtype=torch.float64, device=self.device) for k in count_keys]
@@ -219,8 +231,18 @@ class Trainer:
         bar.close(f"loss {out.get('loss', float('nan')):.4f}{acc}")
         return out
 
-    def _evaluate(self, loader) -> dict:
-        return evaluate(self.student, loader, self.task, self.num_classes, self.num_groups, self.precision, self.dist)
+    def _evaluate(self, loader, recorder=None) -> dict:
+        return evaluate(self.student, loader, self.task, self.num_classes, self.num_groups, self.precision, self.dist,
+                        recorder=recorder)
+
+    def _write_predictions(self) -> None:
+        """``predictions.csv`` of the final model on the test set (``save_predictions``): one more
+        pass, whose predictions are those of the final evaluation (same model, same loader)."""
+        recorder = PredictionRecorder()
+        self._evaluate(self.data.test_loader, recorder)
+        preds = recorder.result(self.dist)
+        if self.is_main:
+            write_predictions(self.run_dir.path / "predictions.csv", preds, self.data.test_set.class_names)
 
     def _restore(self, state: dict) -> None:
         """Load the model, term modules, teacher buffers and scaler of a checkpoint."""
@@ -263,7 +285,21 @@ class Trainer:
                 rd.write_metrics(history)
                 self.log(f"resuming {rd.path} at stage {start_stage + 1}, epoch {start_epoch + 1}")
         t0 = time.perf_counter()
+        self.startup_s = t0 - self.started
         global_epoch = sum(s.epochs for s in self.stages[:start_stage]) + start_epoch
+        spe = self.steps_per_epoch
+        self.clock = RunClock(sum(s.steps(e, spe) for s in self.stages[start_stage:]
+                                  for e in range(start_epoch if s.index == start_stage else 0, s.epochs)))
+        loggers = open_loggers(cfg.loggers, rd.path, history, name=f"{cfg.name or 'run'} seed {cfg.seed}",
+                               config=to_dict(cfg), config_text=dump_yaml(cfg), log=self.log) \
+            if self.is_main else RunLoggers([])
+        with loggers:
+            result = self._stages(state, history, start_stage, start_epoch, global_epoch, elapsed0, t0, loggers)
+        return result
+
+    def _stages(self, state, history, start_stage, start_epoch, global_epoch, elapsed0, t0, loggers) -> dict:
+        """The training loop of :meth:`run` from where it starts (or resumes) to ``result.json``."""
+        rd, cfg = self.run_dir, self.cfg
         for stage in self.stages[start_stage:]:
             main, own, plateau, step = self._prepare_stage(stage)
             first = start_epoch if stage.index == start_stage else 0
@@ -293,10 +329,13 @@ class Trainer:
                 if self.is_main:
                     self._save(stage, epoch, main, own, plateau, history, elapsed0 + time.perf_counter() - t0)
                     rd.write_metrics(history)
+                    loggers.log(record)
                     self._log_epoch(record)
                 barrier(self.dist)
                 for cb in self.callbacks:
                     cb(self, record)
+        if cfg.save_predictions:
+            self._write_predictions()
         result = self._result(history, elapsed0 + time.perf_counter() - t0)
         if self.is_main:
             write_json(rd.result, result)
@@ -320,6 +359,7 @@ class Trainer:
             "data": self.cfg.data.name, "model": self.cfg.model.name,
             "teacher": self.cfg.teacher.run or self.cfg.teacher.checkpoint or None,
             "epochs": sum(s.epochs for s in self.stages),
+            "stages": [{"name": s.cfg.name, "epochs": s.epochs} for s in self.stages],
             "final": {k: final[k] for k in pick},
             "best": ({k: best["test"][k] for k in pick} | {"epoch": best["global_epoch"]}) if best else None,
             **{k: final[k] for k in self.task.details if k in final},
@@ -328,6 +368,7 @@ class Trainer:
             "weights": self.weights,
             "world_size": self.dist.world_size,
             "wall_time_s": wall,
+            "startup_s": self.startup_s,
         }
 
 
