@@ -99,14 +99,14 @@ def test_tensorboard_event_files_hold_the_scalars(tmp_path):
 
 @pytest.fixture
 def fake_wandb(monkeypatch):
-    calls = {"init": [], "log": [], "finish": 0}
+    calls = {"init": [], "log": [], "finish": []}
 
     class Run:
         def log(self, data, step):
             calls["log"].append((step, data))
 
-        def finish(self):
-            calls["finish"] += 1
+        def finish(self, exit_code=0):
+            calls["finish"].append(exit_code)
 
     def init(**kwargs):
         calls["init"].append(kwargs)
@@ -132,12 +132,16 @@ def test_wandb_run_is_offline_without_a_key_and_keeps_its_id(fake_wandb, tmp_pat
     expected = loggers.scalars(record(1, TEST))
     assert step == 1 and list(data) == list(expected) and math.isnan(data.pop("test/dp_a"))
     assert data == {k: v for k, v in expected.items() if k != "test/dp_a"}
-    assert fake_wandb["finish"] == 1
+    assert fake_wandb["finish"] == [0]
+    with pytest.raises(KeyError):  # training fails: the W&B run is marked failed
+        with loggers.open_loggers(["wandb"], tmp_path):
+            raise KeyError("boom")
+    assert fake_wandb["finish"] == [0, 1]
     # --resume continues the same W&B run
     monkeypatch.setenv("WANDB_MODE", "disabled")
     loggers.open_loggers(["wandb"], tmp_path).close()
-    assert fake_wandb["init"][1]["id"] == first["id"] == (tmp_path / "wandb_id.txt").read_text().strip()
-    assert fake_wandb["init"][1]["mode"] == "disabled"
+    assert fake_wandb["init"][2]["id"] == first["id"] == (tmp_path / "wandb_id.txt").read_text().strip()
+    assert fake_wandb["init"][2]["mode"] == "disabled"
 
 
 def test_wandb_mode_goes_online_only_with_a_key_and_an_answering_host(monkeypatch, tmp_path):

@@ -114,7 +114,7 @@ class CSVLogger:
         self.history.append(record)
         write_text(self.path, csv_text(self.history))
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         pass
 
 
@@ -138,7 +138,7 @@ class TensorBoardLogger:
             self.writer.add_scalar(tag, value, step)
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 
@@ -185,8 +185,9 @@ class WandbLogger:
     def log(self, record: dict) -> None:
         self.run.log(scalars(record), step=int(record.get("global_epoch", 0)))
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        """Finish the W&B run; ``failed`` (training raised) marks it failed (exit code 1)."""
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 class RunLoggers:
@@ -199,15 +200,15 @@ class RunLoggers:
         for lg in self.loggers:
             lg.log(record)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         for lg in self.loggers:
-            lg.close()
+            lg.close(failed)
 
     def __enter__(self) -> "RunLoggers":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(failed=exc_type is not None)
 
 
 def open_loggers(names: list[str], run_dir: str | Path, history: list[dict] = (), name: str = "run",
