@@ -266,10 +266,7 @@ class RunLock:
                 if time.monotonic() < deadline:
                     time.sleep(0.02)
                     continue
-                holder = _read_holder(self.path)
-                stop = f" (e.g. kill {holder.pid})" if holder.pid and not holder.host else ""
-                raise RunDirError(f"{self.folder} is being written by {holder}: one run folder has one writer; "
-                                  f"wait for that run to end or stop it{stop}, or choose another out=DIR")
+                raise busy_error(self.folder, _read_holder(self.path))
             try:  # the file may have been removed by a holder that released it meanwhile: lock its successor
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path))
             except FileNotFoundError:
@@ -314,6 +311,13 @@ class RunLock:
     def __del__(self):  # a lost object still lets go (the kernel would at exit anyway)
         if getattr(self, "_fd", None) is not None:
             self.release()
+
+
+def busy_error(folder: Path, holder: LockHolder) -> RunDirError:
+    """The refusal of a second writer of ``folder``."""
+    stop = f" (kill {holder.pid})" if holder.pid and (not holder.host or holder.host == socket.gethostname()) else ""
+    return RunDirError(f"{folder} is being written by {holder}: one run folder has one writer; wait for that run "
+                       f"to end or stop it{stop}, or choose another out=DIR")
 
 
 def lock_holder(folder: str | os.PathLike) -> LockHolder | None:
@@ -364,6 +368,22 @@ class RunDir:
     def writer(self) -> LockHolder | None:
         """The process writing this run now (it holds the lock), or None."""
         return lock_holder(self.path)
+
+    def check_no_writer(self) -> None:
+        """Refuse at once (before anything is built) when another process writes this run."""
+        holder = self.writer()
+        if holder is not None:
+            raise busy_error(self.path, holder)
+
+    def lower_lr_command(self, cfg: RunConfig, stage_index: int, lr: float) -> str:
+        """The sentence after a non-finite loss: the command that trains this run again from its
+        saved config with a ten times lower learning rate, in a new folder beside this one."""
+        stages = cfg.stages
+        key = f"stages.{stage_index}.optim.lr" if stage_index < len(stages) and "lr" in (stages[stage_index].optim or {}) \
+            else "optim.lr"
+        new = f"{lr / 10:g}"
+        return (f"To train it again with a lower learning rate in a new folder: fairdistill train {self.config} "
+                f"{key}={new} out={self.path.parent / f'{self.path.name}-lr{new}'}")
 
     def check_writable(self) -> None:
         """Refuse, writing nothing, a folder that cannot be created or written: a path component

@@ -35,6 +35,9 @@ def check_device(device: str) -> None:
 def validate(cfg: RunConfig) -> None:
     """Check ``cfg`` as a whole (see the module docstring); options are stored back coerced."""
     check_device(cfg.device)
+    if cfg.amp == "fp16" and cfg.device == "cpu":
+        raise ConfigError("amp: fp16 has no fast kernels on the CPU (many times slower than amp=off); use amp=bf16 "
+                          "or amp=off there, or device=cuda")
     builder = DATASETS.get(cfg.data.name, key="data.name")
     cfg.data.options = check_options(builder, cfg.data.options, "data.options", reserved=DATA_RESERVED)
     task = task_of(cfg.data.name)

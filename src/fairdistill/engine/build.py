@@ -5,6 +5,8 @@ Also the one function that rebuilds a finished run's model from its folder
 """
 from __future__ import annotations
 
+import logging
+import os
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +25,8 @@ from ..models import FeatureModel, build_model
 from ..models.weights import load_weights as load_weights_file
 from ..models.weights import read_state_dict
 from ..rundir import RunDir
+
+log = logging.getLogger(__name__)
 from ..tasks import TASKS, Task, task_of
 from .checkpoint import load_run_checkpoint, load_weights
 
@@ -31,6 +35,24 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device: {name!r} requested but CUDA is not available here; use device=cpu")
     return torch.device(name)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_threads(threads: int) -> int:
+    """``threads`` capped, with a warning, at :func:`available_cores` (``threads=1000`` once
+    started 1,513 threads and stalled a 2-core machine)."""
+    cores = available_cores()
+    if threads > cores:
+        log.warning("threads: %d is more than the %d CPU core(s) available here; using %d", threads, cores, cores)
+        return cores
+    return threads
 
 
 def seed_everything(seed: int) -> None:
@@ -154,6 +176,28 @@ def build_student(cfg: RunConfig, outputs: int, data: RunData, device: torch.dev
     return model.to(device)
 
 
+def teacher_weights(model: nn.Module, path, key: str, outputs: int, data: str) -> dict:
+    """:func:`initialise` for a teacher; weights that differ from the model only in the
+    classifier's output count fail saying both class counts (a teacher's head cannot be
+    re-initialised)."""
+    from ..models.weights import match_prefix
+
+    try:
+        return initialise(model, path, key, outputs)
+    except ConfigError:
+        own = model.state_dict()
+        state, _ = match_prefix(read_weights(path, key), set(own))
+        differ = [k for k in own if k in state and state[k].shape != own[k].shape]
+        rows = {state[k].shape[0] for k in differ if state[k].dim()}
+        fits = set(own) - set(state) <= {k for k in own if k.endswith("num_batches_tracked")} and \
+            not set(state) - set(own) and differ and len(rows) == 1 and \
+            all(own[k].dim() and own[k].shape[0] == outputs and own[k].shape[1:] == state[k].shape[1:] for k in differ)
+        if fits:
+            raise ConfigError(f"{key} {path}: the teacher predicts {rows.pop()} classes and {data} has {outputs}; "
+                              "use a teacher trained on this data set") from None
+        raise
+
+
 def load_teacher(cfg: RunConfig, num_classes: int, device: torch.device, data: RunData | None = None,
                  reports: dict | None = None) -> FeatureModel | None:
     """The frozen teacher named by ``cfg.teacher`` (a finished run, or a weights file +
@@ -166,12 +210,12 @@ def load_teacher(cfg: RunConfig, num_classes: int, device: torch.device, data: R
         if not run.finished:
             raise ConfigError(f"teacher.run: {t.run} is not a finished run (no result.json); train the teacher first")
         model = build_run_model(run.read_config().model, num_classes, shape, "teacher.model")
-        report = initialise(model, t.run, "teacher.run", num_classes)
+        report = teacher_weights(model, t.run, "teacher.run", num_classes, cfg.data.name)
     elif t.checkpoint:
         if t.model is None:
             raise ConfigError("teacher.model: needed with teacher.checkpoint (name the architecture)")
         model = build_run_model(t.model, num_classes, shape, "teacher.model")
-        report = initialise(model, t.checkpoint, "teacher.checkpoint", num_classes)
+        report = teacher_weights(model, t.checkpoint, "teacher.checkpoint", num_classes, cfg.data.name)
     else:
         return None
     if reports is not None:
@@ -180,6 +224,79 @@ def load_teacher(cfg: RunConfig, num_classes: int, device: torch.device, data: R
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _cells(data: RunData, cells: list[tuple[int, int]]) -> str:
+    names, groups = data.train_set.class_names, data.train_set.group_names
+    shown = ", ".join(f"(class {names[c]!r}, group {groups[g]!r})" for g, c in cells[:12])
+    return shown + (f" and {len(cells) - 12} more" if len(cells) > 12 else "")
+
+
+def check_groups_and_cells(cfg: RunConfig, data: RunData) -> None:
+    """Refuse training data whose groups cannot give what the run needs: a group attribute
+    with a single value in the training set, and (under the balanced sampler or an MFD term,
+    which draw from or average over every (class, group) cell) an empty cell."""
+    train = data.train_set
+    groups = getattr(train, "groups", None)
+    if not isinstance(groups, torch.Tensor) or not len(train):
+        return
+    attr = next((f"data.options.{k}={cfg.data.options[k]}" for k in ("group", "group_csv", "group_column")
+                 if cfg.data.options.get(k)), None)
+    present = torch.unique(groups).tolist()
+    if len(present) == 1 and (attr or train.num_groups > 1):
+        raise ConfigError(f"{attr or f'{cfg.data.name} groups'}: the group attribute has a single value in the training "
+                          f"set (every item is in group {train.group_names[present[0]]!r}); group fairness needs two "
+                          "groups or more: choose another attribute")
+    users = (["data.sampler=balanced"] if cfg.data.sampler == "balanced" else []) + \
+        [f"terms.{n}" for n, spec in cfg.terms.items() if spec.get("type", n) == "mfd"]
+    if users and data.task.name == "classification" and train.num_groups > 1:
+        counts = train.cell_counts()
+        empty = [(g, c) for g in range(counts.shape[0]) for c in range(counts.shape[1]) if counts[g, c] == 0]
+        if empty:
+            raise ConfigError(f"{' and '.join(users)}: needs training items in every (class, group) cell, and "
+                              f"{cfg.data.name} has none in {len(empty)}: {_cells(data, empty)}; choose data options "
+                              "that leave every cell some items (e.g. data.options.skew below 1.0)")
+
+
+def _describe(name: str, options: dict) -> str:
+    return name + (f" ({', '.join(f'{k}={v}' for k, v in options.items())})" if options else "")
+
+
+def check_run_inputs(cfg: RunConfig, data: RunData, student: nn.Module, teacher: nn.Module | None,
+                     device: torch.device) -> None:
+    """:func:`check_groups_and_cells`, then one dry forward of the student and the teacher on
+    two training items with the evaluation transforms (the random state untouched), so that a
+    model built for other images fails naming it (the teacher, not the student)."""
+    check_groups_and_cells(cfg, data)
+    n = min(len(data.train_set), 2)
+    if not n:
+        return
+    loader = data.task.loader(data.train_set.subset(torch.arange(n)), n, train=False, cfg=cfg, device=device,
+                              seed=cfg.seed, rank=0, world_size=1)
+    shape = "x".join(str(s) for s in data.train_set.image_shape[1:])
+    if cfg.teacher.run:
+        t = RunDir(cfg.teacher.run).read_config().model
+        who = f"teacher.run {cfg.teacher.run}: {_describe(t.name, t.options)}"
+    else:
+        who = f"teacher.model {_describe(cfg.teacher.model.name, cfg.teacher.model.options)}" if cfg.teacher.model else "teacher"
+    models = [(f"model {_describe(cfg.model.name, cfg.model.options)}", student,
+               "set model.options (e.g. image_size) to fit them")]
+    if teacher is not None:
+        models.append((who, teacher, "use a teacher built for these images"))
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        x = next(iter(loader.epoch(0)))[0]
+        for what, model, fix in models:
+            mode = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    model.forward_features(x)
+            except (RuntimeError, ValueError, ConfigError) as e:  # a shape mismatch, or the model's own check
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise ConfigError(f"{what} cannot run on {cfg.data.name}'s {shape} images ({first}); it was built for "
+                                  f"other images: {fix}") from None
+            finally:
+                model.train(mode)
 
 
 class Reiterable:

@@ -25,7 +25,8 @@ from ..progress import Progress, RunClock
 from ..rundir import RunDir, write_json, write_text
 from ..tasks import batch_size_of, task_of
 from .build import build_data, build_student, default_out, load_teacher, resolve_device, seed_everything, setup_terms
-from .checkpoint import load_checkpoint, save_checkpoint
+from .build import check_run_inputs, load_state, resolve_threads
+from .checkpoint import config_fingerprint, load_checkpoint, save_checkpoint
 from .evaluate import evaluate
 from .stages import STATELESS, Stage, lr_groups, make_optimizer, resolve_stages, scheduled_lr
 from .step import Precision, StageRun, StudentStep, train_step
@@ -71,7 +72,7 @@ class Trainer:
         self.is_main = self.dist.is_main
         torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
         if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+            torch.set_num_threads(resolve_threads(cfg.threads))
         seed_everything(cfg.seed)
         self.data = build_data(cfg, self.device, self.dist)
         self.task = self.data.task
@@ -87,6 +88,7 @@ class Trainer:
         # a configured teacher is loaded only when a term needs it (a baseline may name one)
         needed = any(st.needs_teacher for st in self.stages)
         self.teacher = load_teacher(cfg, outputs, self.device, self.data, self.weights) if needed else None
+        check_run_inputs(cfg, self.data, self.student, self.teacher, self.device)
         self._teacher_bn_train = self.teacher is not None and any(
             (s.cfg.teacher_bn_mode or cfg.teacher.bn_mode) == "train" for s in self.stages)
         setup_terms(self.objective, self.student, self.teacher, self.data, cfg, self.device)
@@ -104,8 +106,11 @@ class Trainer:
                     m.forward_features = torch.compile(m.forward_features)
                     m.forward = torch.compile(m.forward)
 
-    def _check_run_dir(self) -> None:
+    def _check_run_dir(self, locked: bool = False) -> None:
         rd = self.run_dir
+        if not locked:  # before anything is built: a folder that cannot be written, or another writer
+            rd.check_writable()
+            rd.check_no_writer()
         if rd.finished:
             raise RunDirError(
                 f"{rd.path} already holds a finished run (result.json); it is never overwritten. "
@@ -114,7 +119,7 @@ class Trainer:
         if rd.checkpoint.is_file() and not self.resume:  # a run that failed before its first epoch is retried
             raise RunDirError(f"{rd.path} holds an unfinished run; pass --resume to continue it, or choose another out=DIR")
         if self.resume and rd.config.is_file():
-            diff = config_changes(rd.read_config(), self.cfg)
+            diff = config_changes(rd.read_config(), self.cfg, ignore=("out",))  # a moved or copied run resumes
             if diff:
                 raise RunDirError(f"{rd.path}: cannot resume with a different config (changed: {', '.join(diff)})")
 
@@ -208,7 +213,8 @@ class Trainer:
             try:
                 parts, batch_counts = train_step(run, batch, epoch)
             except TrainingError as e:
-                raise TrainingError(f"{e} {self.run_dir.checkpoint} keeps the last good epoch.") from None
+                raise TrainingError(f"{e} {self.run_dir.checkpoint} keeps the last good epoch. "
+                                    f"{self.run_dir.lower_lr_command(self.cfg, stage.index, stage.optim.lr)}") from None
             b = batch_size_of(batch[1])
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v.double() * b
@@ -246,7 +252,7 @@ class Trainer:
 
     def _restore(self, state: dict) -> None:
         """Load the model, term modules, teacher buffers and scaler of a checkpoint."""
-        self.student.load_state_dict(state["model"])
+        load_state(self.student, state["model"], f"{self.run_dir.checkpoint}")
         self.objective.load_state_dict(state["objective"])
         if self.teacher is not None and state.get("teacher_buffers"):
             self.teacher.load_state_dict({**self.teacher.state_dict(), **state["teacher_buffers"]})
@@ -265,12 +271,25 @@ class Trainer:
             "plateau": plateau.state_dict() if plateau else {},
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler is not None else {},
             "history": history, "elapsed": elapsed,
-        })
+        }, fingerprint=config_fingerprint(self.cfg))
 
     def run(self) -> dict:
-        """Train every stage to the end, write ``result.json`` and return it."""
+        """Train every stage to the end, write ``result.json`` and return it, holding the run
+        folder's writer lock throughout (rank 0; :class:`~fairdistill.rundir.RunLock`), after
+        removing the temporaries of interrupted writes."""
+        if not self.is_main:
+            return self._run()
+        with self.run_dir.lock():
+            self._check_run_dir(locked=True)  # again under the lock: another process may have written meanwhile
+            removed = self.run_dir.remove_temporaries()
+            if removed:
+                self.log(f"removed {len(removed)} temporary file(s) of interrupted writes from {self.run_dir.path}")
+            return self._run()
+
+    def _run(self) -> dict:
         rd, cfg = self.run_dir, self.cfg
-        state = load_checkpoint(rd.checkpoint) if self.resume and rd.checkpoint.is_file() else None
+        # resume only from this run's checkpoint (its fingerprint), verified
+        state = load_checkpoint(rd.checkpoint, fingerprint=config_fingerprint(cfg))             if self.resume and rd.checkpoint.is_file() else None
         barrier(self.dist)
         if self.is_main:
             rd.path.mkdir(parents=True, exist_ok=True)
