@@ -77,7 +77,10 @@ OFD_CONFIGS = sorted(f for f in glob.glob("configs/cifar100/c/*.yaml") if not f.
 
 @pytest.mark.parametrize("config", OFD_CONFIGS, ids=os.path.basename)
 def test_ofd_table_configs_train_on_cifar_format_files(config, cifar_root, cifar_teacher, tmp_path):
-    base = [*SMALL, f"data.root={cifar_root}", "model.name=resnet20", f"teacher.run={cifar_teacher}", f"out={tmp_path / 'run'}"]
+    # a small student; configs with model options (OFD's official_bn_updates) keep their architecture family
+    student = ["model.name=wrn", "model.options.depth=10", "model.options.widen_factor=1"] \
+        if load_config(config).model.options else ["model.name=resnet20"]
+    base = [*SMALL, f"data.root={cifar_root}", *student, f"teacher.run={cifar_teacher}", f"out={tmp_path / 'run'}"]
     overrides = base + shortened(config, base)
     cfg = load_config(config, overrides)
     train(cfg)

@@ -22,13 +22,15 @@ PRESETS: dict[str, dict] = {
     "hkd": {"terms": {"kd": KD}},
     # Strategic sampling: every (group, label) cell oversampled to the largest (MFD's SS).
     "ss": {"data": {"sampler": "balanced"}},
-    # FitNets, two stages as in the MFD code: hints on the embedding for half the epochs
-    # (no CE), then KD. OFD-table configs switch to a stage feature with a regressor.
+    # FitNets, two stages as in the MFD code (trainer/kd_fitnet.py): hints on the embedding for
+    # half the epochs (no CE, no test evaluation, no lr schedule), then KD with the same Adam
+    # continued. OFD-table configs switch to a stage feature with a regressor.
     "fitnet": {
         "terms": {"fitnet": {"type": "fitnet-hint", "feature": "embedding", "weight": 1.0}, "kd": KD},
         "stages": [
-            {"name": "hint", "epochs_scale": 0.5, "terms": ["fitnet"], "ce_weight": 0.0},
-            {"name": "main", "terms": ["kd"]},
+            {"name": "hint", "epochs_scale": 0.5, "terms": ["fitnet"], "ce_weight": 0.0, "evaluate": False,
+             "schedule": {"name": "none"}},
+            {"name": "main", "terms": ["kd"], "optimizer": "continue"},
         ],
     },
     # One-stage FitNets (hints and KD together; MFD supplement 1.3, used for AD+FitNet).

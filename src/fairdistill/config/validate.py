@@ -89,7 +89,9 @@ def check_stage_protocol(cfg: RunConfig, i: int, st, schedule) -> None:
     """``optim.reset_at_milestones``, ``stages[i].optimizer`` and ``stages[i].evaluate`` fit
     the stage's schedule and the previous stage."""
     optim = stage_optim(cfg, i, st)
-    if optim.reset_at_milestones and not (schedule.name == "multistep" and schedule.unit == "epoch"):
+    # with schedule none there is no milestone and nothing to reset (e.g. a pre-stage)
+    if optim.reset_at_milestones and schedule.name != "none" and not (schedule.name == "multistep"
+                                                                      and schedule.unit == "epoch"):
         key = f"stages[{i}].optim" if st.optim.get("reset_at_milestones") else "optim"
         raise ConfigError(f"{key}.reset_at_milestones: needs a multistep schedule in epochs (the optimizer "
                           f"restarts at its milestones), got schedule {schedule.name!r} in {schedule.unit}s")

@@ -109,5 +109,17 @@ def scheduled_lr(spec: ScheduleConfig, base_lr: float, t: int, total: int) -> fl
     return base_lr
 
 
+def continue_state(new: torch.optim.Optimizer | None, old: torch.optim.Optimizer | None) -> None:
+    """Start ``new`` from ``old``'s per-parameter state (Adam's moments and step count, SGD's
+    momentum buffer) for every parameter both optimize (``stages[i].optimizer: continue``; the
+    official MFD FitNet trains both stages with one Adam). ``new`` keeps its own settings."""
+    if new is None or old is None:
+        return
+    for group in new.param_groups:
+        for p in group["params"]:
+            if p in old.state:
+                new.state[p] = old.state[p]
+
+
 STATELESS = ("multistep", "cosine", "poly")
 """Schedules whose learning rate is a function of the position only (set, not stepped)."""

@@ -28,7 +28,7 @@ from .build import build_data, build_student, default_out, load_teacher, resolve
 from .build import check_run_inputs, load_state, resolve_threads
 from .checkpoint import config_fingerprint, load_checkpoint, save_checkpoint
 from .evaluate import evaluate
-from .stages import STATELESS, Stage, lr_groups, make_optimizer, resolve_stages, scheduled_lr
+from .stages import STATELESS, Stage, continue_state, lr_groups, make_optimizer, resolve_stages, scheduled_lr
 from .step import Precision, StageRun, StudentStep, train_step
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -125,15 +125,11 @@ class Trainer:
 
     # -- stages ------------------------------------------------------------------
 
-    def _prepare_stage(self, stage: Stage):
-        """Optimizers, plateau scheduler and the (DDP-wrapped) step module of ``stage``.
-
-        Only what the stage trains requires grad, so DDP synchronises exactly those parameters.
-        """
-        for p in self.step_module.parameters():
-            p.requires_grad_(False)
+    def _optimizers(self, stage: Stage):
+        """``stage``'s main optimizer (the student and the terms trained with it; None when
+        empty), the terms' own optimizers by name, and every parameter they train."""
         main_params = [(f"student.{n}", p) for n, p in self.student.named_parameters()] if stage.train_student else []
-        own = {}
+        own, trained = {}, []
         for name in stage.trained_terms:
             term = self.objective.term(name)
             params = list(term.parameters())
@@ -144,12 +140,38 @@ class Trainer:
             else:
                 spec = from_dict(type(stage.optim), {**to_dict(stage.optim), **term.optimizer}, f"terms.{name}.optimizer")
                 own[name] = make_optimizer(params, spec)
-                for p in params:
-                    p.requires_grad_(True)
-        for _, p in main_params:
-            p.requires_grad_(True)
+                trained += params
         groups = lr_groups(main_params, stage.optim.lr_mult, f"stages[{stage.index}].optim.lr_mult")
         main = make_optimizer(groups, stage.optim) if main_params else None
+        return main, own, trained + [p for _, p in main_params]
+
+    def _saved_optimizers(self, stage: Stage, state: dict):
+        """``stage``'s optimizers as a checkpoint written at its end holds them (for a resumed
+        stage that continues them)."""
+        main, own, _ = self._optimizers(stage)
+        if main is not None and state["optim"]:
+            main.load_state_dict(state["optim"])
+        for name, opt in own.items():
+            if name in state["term_optim"]:
+                opt.load_state_dict(state["term_optim"][name])
+        return main, own
+
+    def _prepare_stage(self, stage: Stage, previous=None):
+        """Optimizers, plateau scheduler and the (DDP-wrapped) step module of ``stage``;
+        ``previous`` = the previous stage's (main, own) optimizers, continued when the stage says
+        ``optimizer: continue``.
+
+        Only what the stage trains requires grad, so DDP synchronises exactly those parameters.
+        """
+        for p in self.step_module.parameters():
+            p.requires_grad_(False)
+        main, own, trained = self._optimizers(stage)
+        for p in trained:
+            p.requires_grad_(True)
+        if stage.cfg.optimizer == "continue" and previous is not None:
+            continue_state(main, previous[0])
+            for name, opt in own.items():
+                continue_state(opt, previous[1].get(name))
         plateau = None
         if stage.schedule.name == "plateau" and main is not None:
             plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -319,9 +341,14 @@ class Trainer:
     def _stages(self, state, history, start_stage, start_epoch, global_epoch, elapsed0, t0, loggers) -> dict:
         """The training loop of :meth:`run` from where it starts (or resumes) to ``result.json``."""
         rd, cfg = self.run_dir, self.cfg
+        previous = None  # the last stage's (main, own) optimizers
         for stage in self.stages[start_stage:]:
-            main, own, plateau, step = self._prepare_stage(stage)
             first = start_epoch if stage.index == start_stage else 0
+            if state is not None and stage.index == start_stage and first == 0 and stage.index > 0 \
+                    and stage.cfg.optimizer == "continue":
+                previous = self._saved_optimizers(self.stages[stage.index - 1], state)
+            main, own, plateau, step = self._prepare_stage(stage, previous)
+            previous = (main, own)
             if state is not None and stage.index == start_stage and first > 0:
                 if main is not None:
                     main.load_state_dict(state["optim"])
@@ -330,6 +357,9 @@ class Trainer:
                 if plateau is not None:
                     plateau.load_state_dict(state["plateau"])
             for epoch in range(first, stage.epochs):
+                if main is not None and stage.optim.reset_at_milestones and stage.schedule.name == "multistep" \
+                        and self._positions(stage)[0] + epoch in stage.schedule.milestones:
+                    main.state.clear()  # the official OFD script's new optimizer at each lr drop
                 if main is not None and stage.schedule.name in STATELESS and stage.schedule.unit == "epoch":
                     self._set_lr(main, stage, epoch)
                 train = self._train_epoch(step, main, epoch, global_epoch)
@@ -337,9 +367,10 @@ class Trainer:
                           "lr": main.param_groups[0]["lr"] if main else None, "train": train}
                 is_last = stage is self.stages[-1] and epoch == stage.epochs - 1
                 needs_test = plateau is not None and stage.schedule.monitor == "test_loss"
-                if is_last or needs_test or (global_epoch + 1) % cfg.eval_every == 0:
+                evaluates = stage.cfg.evaluate or is_last  # evaluate: false (MFD's FitNet hints)
+                if evaluates and (is_last or needs_test or (global_epoch + 1) % cfg.eval_every == 0):
                     record["test"] = self._evaluate(self.data.test_loader)
-                if self.data.val_loader is not None:
+                if evaluates and self.data.val_loader is not None:
                     record["val"] = self._evaluate(self.data.val_loader)
                 if plateau is not None:
                     plateau.step(record["test" if stage.schedule.monitor == "test_loss" else "val"]["loss"])
