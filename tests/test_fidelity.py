@@ -269,3 +269,230 @@ def test_adversary_loss_keeps_the_scores_dtype():
     torch.testing.assert_close(loss, ce.view(3, 2).mean(1).sum(), rtol=0, atol=1e-15)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert adversary_loss(scores.float(), g, y, 3).dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- engine: stage protocols
+
+
+def _digits(tmp_path, name, **over):
+    from fairdistill.config import load_config
+
+    data = {"data": {"name": "digits-s", "batch_size": 128, "eval_batch_size": 1024},
+            "model": {"name": "mfd-cnn", "options": {"image_size": 8, "dropout": 0.0}},
+            "epochs": 3, "eval_every": 100, "progress": False, "threads": 1, "out": str(tmp_path / name), **over}
+    return load_config(data=data)
+
+
+def _reference_loop(trainer, epochs: int, build, lr_of, new_at: set):
+    """A plain training loop over the trainer's own batches and initial weights: CE only; the
+    optimizer ``build(params, lr)`` is made at epoch 0 and again at every epoch in ``new_at`` (the
+    official OFD CIFAR script's pattern), otherwise its lr is set to ``lr_of(epoch)``."""
+    from fairdistill.engine.trainer import epoch_seed
+
+    model = copy.deepcopy(trainer.student)
+    opt = None
+    for e in range(epochs):
+        if opt is None or e in new_at:
+            opt = build(model.parameters(), lr_of(e))
+        for group in opt.param_groups:
+            group["lr"] = lr_of(e)
+        torch.manual_seed(epoch_seed(trainer.cfg.seed, e))
+        model.train()
+        for x, y, _ in trainer.data.train_loader.epoch(e):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return model
+
+
+def _max_diff(a, b):
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+def _kill_after(n):
+    def cb(trainer, record):
+        if record["global_epoch"] == n:
+            raise KeyboardInterrupt
+    return cb
+
+
+def test_reset_at_milestones_equals_a_new_sgd_at_each_drop_and_resumes(tmp_path):
+    from fairdistill.engine import Trainer
+
+    over = dict(epochs=2, optim={"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
+                                 "reset_at_milestones": True},
+                schedule={"name": "multistep", "milestones": [1], "gamma": 0.1})
+    trainer = Trainer(_digits(tmp_path, "reset", **over))
+
+    def official(params, lr):
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+    def lr_of(e):
+        return 0.1 * 0.1 ** (e >= 1)
+
+    reset_ref = _reference_loop(trainer, 2, official, lr_of, {1})
+    kept_ref = _reference_loop(trainer, 2, official, lr_of, set())
+    assert _max_diff(reset_ref, kept_ref) > 1e-3  # the reset matters
+    trainer.run()
+    torch.testing.assert_close(list(trainer.student.parameters()), list(reset_ref.parameters()), rtol=1e-5, atol=1e-6)
+    # killed after epoch 0: the resumed run loads the momentum of epoch 0, then resets at the milestone
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_digits(tmp_path, "killed", **over), callbacks=[_kill_after(1)]).run()
+    resumed = Trainer(_digits(tmp_path, "killed", **over), resume=True)
+    resumed.run()
+    torch.testing.assert_close(list(resumed.student.parameters()), list(reset_ref.parameters()), rtol=1e-5, atol=1e-6)
+
+
+def test_continued_optimizer_equals_one_adam_across_stages_and_resumes(tmp_path):
+    from fairdistill.engine import Trainer
+
+    stages = [{"name": "a", "epochs": 1}, {"name": "b", "epochs": 1, "optimizer": "continue"}]
+    trainer = Trainer(_digits(tmp_path, "continued", stages=stages))
+
+    def adam(params, lr):
+        return torch.optim.Adam(params, lr=lr)
+
+    one_adam = _reference_loop(trainer, 2, adam, lambda e: 1e-3, set())
+    two_adams = _reference_loop(trainer, 2, adam, lambda e: 1e-3, {1})
+    assert _max_diff(one_adam, two_adams) > 1e-4
+    trainer.run()
+    torch.testing.assert_close(list(trainer.student.parameters()), list(one_adam.parameters()), rtol=1e-5, atol=1e-6)
+
+    fresh = Trainer(_digits(tmp_path, "fresh", stages=[stages[0], {"name": "b", "epochs": 1}]))
+    fresh.run()
+    torch.testing.assert_close(list(fresh.student.parameters()), list(two_adams.parameters()), rtol=1e-5, atol=1e-6)
+
+    # killed after stage a: the resumed stage b continues a's Adam from the checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_digits(tmp_path, "killed", stages=stages), callbacks=[_kill_after(1)]).run()
+    resumed = Trainer(_digits(tmp_path, "killed", stages=stages), resume=True)
+    resumed.run()
+    torch.testing.assert_close(list(resumed.student.parameters()), list(one_adam.parameters()), rtol=1e-5, atol=1e-6)
+
+
+def test_stage_without_evaluation_leaves_the_plateau_untouched(tmp_path):
+    from fairdistill.engine import Trainer, load_checkpoint
+
+    stages = [{"name": "hint", "epochs": 1, "evaluate": False, "schedule": {"name": "none"}},
+              {"name": "main", "epochs": 2, "optimizer": "continue"}]
+    seen = []
+
+    def watch(trainer, record):
+        seen.append((record["stage"], "test" in record, "val" in record,
+                     load_checkpoint(trainer.run_dir.checkpoint)["plateau"]))
+
+    cfg = _digits(tmp_path, "hint", stages=stages, schedule={"name": "plateau", "patience": 0},
+                  data={"name": "digits-s", "batch_size": 128, "options": {"val_fraction": 0.2}})
+    Trainer(cfg, callbacks=[watch]).run()
+    assert [(s, t, v) for s, t, v, _ in seen] == [("hint", False, False), ("main", True, True), ("main", True, True)]
+    assert seen[0][3] == {}  # no scheduler during the hint stage
+    assert seen[1][3]["last_epoch"] == 1 and seen[2][3]["last_epoch"] == 2  # stepped by the main stage only
+
+
+def test_protocol_options_are_checked_before_any_data(tmp_path):
+    from fairdistill.config import load_config
+
+    base = ["progress=false"]
+    with pytest.raises(ConfigError, match="optim.reset_at_milestones: needs a multistep schedule"):
+        load_config("configs/digits_s/scratch.yaml", [*base, "optim.reset_at_milestones=true", "schedule.name=cosine"])
+    # without a schedule there is no milestone: allowed (e.g. a pre-stage with schedule none)
+    assert load_config("configs/digits_s/scratch.yaml", [*base, "optim.reset_at_milestones=true"]).optim.reset_at_milestones
+    with pytest.raises(ConfigError, match=r"stages\[0\].optimizer: continue needs a previous stage"):
+        load_config("configs/digits_s/scratch.yaml", [*base, "stages=[{name: a, optimizer: continue}]"])
+    with pytest.raises(ConfigError, match=r"stages\[1\].optimizer: continue needs the previous stage's optimizer"):
+        load_config("configs/digits_s/scratch.yaml",
+                    [*base, "stages=[{name: a, epochs: 1}, {name: b, optimizer: continue, optim: {name: sgd}}]"])
+    with pytest.raises(ConfigError, match=r"stages\[0\].evaluate: false leaves the plateau"):
+        load_config("configs/digits_s/scratch.yaml", [*base, "stages=[{name: a, evaluate: false}]",
+                                                      "schedule.name=plateau"])
+
+
+# ----------------------------------------------------------------------------- crops in the configs
+
+
+def test_training_and_evaluation_crops_reach_every_loader(tmp_path):
+    from fairdistill.engine import Trainer, evaluate_run
+    from fairdistill.plots import run_embeddings
+
+    data = {"name": "digits-s", "batch_size": 128, "eval_batch_size": 1024, "options": {"size": 16},
+            "crop": "random:8", "eval_crop": "center:8", "flip": True}
+    # a term makes setup_terms probe the student: the probe must be 8 x 8 too (mfd-cnn refuses others)
+    trainer = Trainer(_digits(tmp_path, "crops", epochs=1, method="ad", data=data))
+    assert trainer.data.train_loader.image_shape == (3, 8, 8) and trainer.data.train_loader.crop.kind == "random"
+    assert trainer.data.test_loader.image_shape == (3, 8, 8) and trainer.data.test_loader.crop.kind == "center"
+    result = trainer.run()
+    again = evaluate_run(str(tmp_path / "crops"))
+    assert again["accuracy"] == pytest.approx(result["final"]["accuracy"])
+    emb = run_embeddings(tmp_path / "crops")
+    assert emb.features.shape == (len(trainer.data.test_set), 256)
+
+
+def test_setup_probe_uses_the_training_crop_made_deterministic(tmp_path):
+    from fairdistill.distributed import DistContext
+    from fairdistill.engine.build import build_data, setup_terms
+    from fairdistill.methods.base import TERMS, Term
+    from fairdistill.methods.objective import Objective
+
+    if "test-record-setup" not in TERMS:
+        @TERMS.register("test-record-setup")
+        class RecordSetup(Term):
+            """Records what setup_terms hands a term."""
+
+            needs_teacher = False
+            needs_features = False
+
+            def setup(self, ctx):
+                self.probe_logits = ctx.student_features.logits.shape
+                self.batch = next(iter(ctx.train_batches))[0]
+
+            def forward(self, inp):
+                return inp.student.logits.sum() * 0.0
+
+    # stored 16 x 16, trained on random 8 x 8 crops, evaluated uncropped: the probe and the
+    # training-set passes must be centre 8 x 8 crops (mfd-cnn, built for 8, refuses 16)
+    cfg = _digits(tmp_path, "probe", data={"name": "digits-s", "batch_size": 128, "options": {"size": 16},
+                                           "crop": "random:8"}, terms={"rec": {"type": "test-record-setup"}})
+    data = build_data(cfg, torch.device("cpu"), DistContext())
+    assert data.test_loader.image_shape == (3, 16, 16)
+    student = build_model("mfd-cnn", data.num_classes, image_size=8)
+    objective = Objective(cfg.terms, data.task)
+    setup_terms(objective, student, None, data, cfg, torch.device("cpu"))
+    term = objective.term("rec")
+    assert tuple(term.probe_logits) == (128, data.num_classes)
+    ds = data.train_set
+    images = ds.images[:128].float() / 255.0
+    if ds.mean is not None:
+        images = (images - torch.tensor(ds.mean).view(1, -1, 1, 1)) / torch.tensor(ds.std).view(1, -1, 1, 1)
+    torch.testing.assert_close(term.batch, images[:, :, 4:12, 4:12])  # CenterCrop(8) of 16, no flip
+
+
+def test_crop_options_are_checked_before_any_data():
+    from fairdistill.config import load_config
+
+    with pytest.raises(ConfigError, match="data.eval_crop: an evaluation crop must be deterministic"):
+        load_config("configs/digits_s/scratch.yaml", ["data.eval_crop=random:8"])
+    with pytest.raises(ConfigError, match="data.crop: kind 'random_resized' takes no padding"):
+        load_config("configs/digits_s/scratch.yaml", ["data.crop=random_resized:8", "data.padding=2"])
+    with pytest.raises(ConfigError, match="data.crop: unknown crop kind"):
+        load_config("configs/digits_s/scratch.yaml", ["data.crop=randm:8"])
+
+
+def test_paper_configs_use_the_official_protocols():
+    from fairdistill.config import load_config, stage_list
+
+    utk = load_config("configs/utkface/base.yaml").data
+    assert (utk.options["resize"], utk.options["image_size"], utk.crop, utk.flip) == (256, 176, "random:176", True)
+    celeba = load_config("configs/celeba/base.yaml").data
+    assert (celeba.options["train_size"], celeba.crop, celeba.flip) == ("original", "random_resized:176", True)
+    imagenet = load_config("configs/imagenet/base.yaml").data
+    assert (imagenet.crop, imagenet.flip, imagenet.drop_last) == ("random_resized:224", True, False)
+    assert imagenet.options == {"image_size": 224, "resize": 256}
+    cifar = load_config("configs/cifar100/a/ofd.yaml")
+    assert cifar.optim.reset_at_milestones and not cifar.data.drop_last
+    assert cifar.model.options == {"official_bn_updates": True}
+    assert load_config("configs/cifar100/d/ofd.yaml").model.options == {}  # ResNet56: no second BN update
+    for name in ("fitnet", "ss_fitnet"):
+        hint, main = stage_list(load_config(f"configs/cifar10s/{name}.yaml"))
+        assert (hint.evaluate, hint.schedule, hint.epochs) == (False, {"name": "none"}, 25)
+        assert main.optimizer == "continue" and main.evaluate

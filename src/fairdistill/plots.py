@@ -244,7 +244,8 @@ def run_embeddings(run_dir: str | Path, device: str | None = None, max_points: i
             keep = np.sort(np.random.default_rng(seed).choice(len(test), max_points, replace=False))
             test = test.subset(torch.from_numpy(keep))
     feats, labels, groups = [], [], []
-    for x, y, g in BatchLoader(test, run.cfg.data.eval_batch_size, sampler="sequential", device=run.device).epoch(0):
+    for x, y, g in BatchLoader(test, run.cfg.data.eval_batch_size, sampler="sequential", device=run.device,
+                               crop=run.cfg.data.eval_crop, crop_key="data.eval_crop").epoch(0):
         feats.append(model.forward_features(x).embedding.flatten(1).float().cpu())
         labels.append(y.cpu())
         groups.append(g.cpu())

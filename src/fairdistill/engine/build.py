@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import RunConfig
 from ..data import build_dataset
+from ..data.augment import CropSpec
 from ..distributed import DistContext
 from ..errors import ConfigError
 from ..methods.base import SetupContext
@@ -312,11 +313,15 @@ class Reiterable:
 def setup_terms(objective: Objective, student: FeatureModel, teacher: FeatureModel | None, data: RunData,
                 cfg: RunConfig, device: torch.device) -> None:
     """Size and initialise the term modules from a dry forward of the first training items
-    (with the evaluation transforms)."""
+    (with the evaluation transforms; with a ``data.crop``, its deterministic form of the same
+    output size, ``CropSpec.fixed``, also for ``train_batches``)."""
     if not len(objective.terms):
         return
     train_set, batch_size, task = data.train_set, cfg.data.batch_size, data.task
     n = min(len(train_set), batch_size)
+    if cfg.data.crop is not None:  # classification (validated): the training crop's size, deterministic
+        fixed = CropSpec.parse(cfg.data.crop, "data.crop").fixed(*train_set.image_shape[1:])
+        cfg = replace(cfg, data=replace(cfg.data, eval_crop=fixed.as_dict()))
     settings = dict(train=False, cfg=cfg, device=device, seed=cfg.seed, rank=0, world_size=1)
     probe = task.loader(train_set.subset(torch.arange(n)), n, **settings)
     x, _, _ = next(iter(probe.epoch(0)))

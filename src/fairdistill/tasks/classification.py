@@ -43,8 +43,10 @@ class Classification(Task):
         d = cfg.data
         if train:
             return BatchLoader(dataset, batch_size, sampler=d.sampler, drop_last=d.drop_last, padding=d.padding,
-                               flip=d.flip, seed=seed, device=device, rank=rank, world_size=world_size)
-        return BatchLoader(dataset, batch_size, sampler="sequential", device=device, rank=rank, world_size=world_size)
+                               flip=d.flip, crop=d.crop, crop_key="data.crop", seed=seed, device=device, rank=rank,
+                               world_size=world_size)
+        return BatchLoader(dataset, batch_size, sampler="sequential", crop=d.eval_crop, crop_key="data.eval_crop",
+                           device=device, rank=rank, world_size=world_size)
 
     def loss(self, outputs, target, model):
         return {"ce": F.cross_entropy(outputs, target)}
