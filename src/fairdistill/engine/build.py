@@ -149,15 +149,28 @@ def build_run_model(model_cfg, outputs: int, input_shape=None, key: str = "model
                        **model_cfg.options)
 
 
+def is_checkpoint(path) -> bool:
+    """Whether ``path`` is a fairdistill checkpoint that carries a checksum (read memory-mapped)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip-format torch file: read_state_dict says what it is
+        return False
+    return isinstance(state, dict) and "format" in state and "checksum" in state
+
+
 def read_weights(path, key: str) -> dict:
-    """The tensors of a weights source: a finished run folder (its checkpoint, verified by
-    ``engine/checkpoint.py``) or a file (``models.weights.read_state_dict``)."""
-    if Path(path).is_dir():
-        if not RunDir(path).finished:
+    """The tensors of a weights source: a finished run folder or a fairdistill checkpoint file
+    (verified by ``engine/checkpoint.py``: checksum, and the fingerprint of a run's config.yaml
+    beside it), or any other weights file (``models.weights.read_state_dict``)."""
+    p = Path(path)
+    if p.is_dir():
+        if not RunDir(p).finished:
             raise ConfigError(f"{key}: {path} is a folder but not a finished run (no result.json); name a finished "
                               "run folder or a weights file")
-        return dict(load_run_checkpoint(path)["model"])
-    return read_state_dict(path, key)
+        return dict(load_run_checkpoint(p)["model"])
+    if p.is_file() and p.suffix != ".safetensors" and is_checkpoint(p):
+        return dict(load_weights(p))
+    return read_state_dict(p, key)
 
 
 def initialise(model: FeatureModel, path, key: str, outputs: int, head: str = "refuse") -> dict:
