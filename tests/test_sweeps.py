@@ -3,6 +3,11 @@ import csv
 import io
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +22,7 @@ from fairdistill.sweeps import (
     LOCK, MARKER, SPEC_COPY, FolderLock, claim_action, load_spec, owner_of, plan_sweep, run_overrides, run_sweep,
 )
 from fairdistill.rundir import write_json, write_text
+from fairdistill.sweeps.jobs import process_alive
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "configs" / "digits_s"
@@ -348,3 +354,74 @@ def test_committed_reduced_report_has_the_layout_of_a_rerun():
     assert [ln.split(" | ")[0] for ln in doc[start + 2:start + 2 + len(spec.rows)]] == [f"| {r.name}" for r in spec.rows]
     with (ROOT / "docs" / "digits_s_mfd.csv").open() as f:
         assert next(csv.reader(f)) == list(records[0])
+
+
+# ----------------------------------------------------------------------------- signals and the runs' processes
+
+
+CHILD = ROOT / "src" / "fairdistill" / "sweeps" / "child.py"
+
+
+@pytest.mark.parametrize("platform", ["linux", "darwin"])
+def test_a_runs_process_dies_with_its_sweep(tmp_path, platform):
+    """die_with_parent: by PR_SET_PDEATHSIG on Linux, by a thread watching the parent elsewhere
+    (forced here by naming another platform). The "sweep" forks the "run", waits until it is
+    set up, and ends; the run gets SIGTERM (KeyboardInterrupt) and says how it noticed."""
+    if platform == "linux" and not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux's")
+    ready, stopped = tmp_path / "ready", tmp_path / "stopped"
+    script = f"""
+import importlib.util, os, signal, sys, time
+spec = importlib.util.spec_from_file_location("child", {str(CHILD)!r})
+child = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(child)
+if os.fork():  # the sweep
+    while not os.path.exists({str(ready)!r}):
+        time.sleep(0.01)
+    os._exit(0)
+signal.signal(signal.SIGTERM, child._interrupt)
+sys.platform = {platform!r}
+how = child.die_with_parent(os.getppid(), every=0.05)
+open({str(ready)!r}, "w").close()
+try:
+    time.sleep(30)
+except KeyboardInterrupt:
+    open({str(stopped)!r}, "w").write(how)
+"""
+    subprocess.run([sys.executable, "-c", script], timeout=30, check=True)
+    deadline = time.monotonic() + 20
+    while not stopped.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert stopped.read_text() == ("prctl" if platform == "linux" else "watcher")
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_sweep_started_with_sigint_ignored_stops_on_sigint_and_sigterm(tmp_path, sig):
+    """A script's background job inherits SIGINT ignored (so do its children): the sweep and its
+    run's process still stop on SIGINT and on SIGTERM; the run is marked interrupted."""
+
+    path = write_spec(tmp_path, [row("Teacher", "teacher", overrides=["epochs=50"])])
+    run = tmp_path / "sweep" / "teacher" / "seed0"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    log = tmp_path / "sweep.log"
+    sweep = subprocess.Popen([sys.executable, "-m", "fairdistill", "sweep", str(path)], env=env, stdout=log.open("w"),
+                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        child = None
+        deadline = time.monotonic() + 120
+        while child is None and time.monotonic() < deadline and sweep.poll() is None:
+            try:
+                child = json.loads((run / MARKER).read_text()).get("pid")
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        assert child, log.read_text()
+        sweep.send_signal(getattr(signal, sig))
+        assert sweep.wait(timeout=60) == 130, log.read_text()
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert not process_alive(child)
+    assert json.loads((run / MARKER).read_text())["status"] == "interrupted"
+    assert "sweep interrupted; run the same command again to resume it" in log.read_text()

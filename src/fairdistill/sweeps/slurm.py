@@ -350,16 +350,18 @@ def _environ(**values):
 
 def submit_sweep(spec: SweepSpec, dry_run: bool = False, stream=None) -> SweepSummary:
     """Show the state of every run of ``spec`` and submit, as one job each, those neither done,
-    running nor queued (see the module docstring); ``dry_run`` submits nothing."""
+    running nor queued (see the module docstring); ``dry_run`` submits nothing (and needs no submitit)."""
     stream = stream or sys.stderr
-    import_submitit()
+    if not dry_run:
+        import_submitit()
     claim_folder(spec, write=False)
     plans = plan_sweep(spec)
     if dry_run:
         states = plan_states(spec, plans)
         stream.write(describe_states(plans, states) + "\n")
         todo = [p for p in plans if p.action in ("run", "resume") and not states[p].busy]
-        stream.write(f"would submit {len(todo)} job(s): " + (", ".join(p.label for p in todo) or "none") + "\n")
+        shown = ", ".join(p.label for p in todo[:8]) + (f" and {len(todo) - 8} more" if len(todo) > 8 else "")
+        stream.write(f"would submit {len(todo)} job(s){': ' + shown if todo else ''}\n")
         return SweepSummary(len(plans), dict(Counter(s.state for s in states.values())), [], 0.0)
     with FolderLock(spec.out):
         return _submit(spec, plans, stream)
