@@ -122,13 +122,14 @@ def _series(records: list[dict], split: str, key: str) -> tuple[np.ndarray, np.n
     return np.array(xs, dtype=float), np.array(ys, dtype=float)
 
 
-def _stage_starts(records: list[dict]) -> list[tuple[float, str]]:
-    """(x of the boundary, name of the stage that starts there) for every stage after the first."""
+def _stage_starts(records: list[dict]) -> list[tuple[float, str, str]]:
+    """(x of the boundary, the stage that ends there, the stage that starts there) for every
+    stage after the first."""
     out, prev = [], None
     for i, r in enumerate(records):
         stage = r.get("stage")
         if prev is not None and stage != prev:
-            out.append((r.get("global_epoch", i + 1) - 0.5, str(stage)))
+            out.append((r.get("global_epoch", i + 1) - 0.5, str(prev), str(stage)))
         prev = stage
     return out
 
@@ -181,9 +182,10 @@ def training_curves(run_dirs: list, out: str | Path, title: str = "") -> Path:
         ax_loss.set_yscale("log")
     boundaries = sorted({b for records in runs for b in _stage_starts(records)})
     for ax in (ax_loss, ax_acc, ax_a, ax_m):
-        for x, name in boundaries:
+        for x, before, after in boundaries:
             ax.axvline(x, color="0.55", ls=":", lw=1, gid="stage")
-            ax.text(x, 1.0, f" {name}", transform=ax.get_xaxis_transform(), fontsize=7, color="0.35", va="top")
+            for text, ha in ((f"{before} ", "right"), (f" {after}", "left")):
+                ax.text(x, 0.99, text, transform=ax.get_xaxis_transform(), fontsize=7, color="0.35", va="top", ha=ha)
         ax.grid(alpha=0.3)
         ax.set_xlabel("epoch (all stages)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -196,7 +198,7 @@ def training_curves(run_dirs: list, out: str | Path, title: str = "") -> Path:
         ax.set_ylim(bottom=0)
     style = lambda ls, lab: Line2D([], [], color="0.3", ls=ls, label=lab)  # noqa: E731
     ax_loss.legend(handles=[style(styles[j % len(styles)], p) for j, p in enumerate(parts)], fontsize=7,
-                   loc="upper right", title="part", title_fontsize=7)
+                   loc="upper right", title="part", title_fontsize=7, handlelength=4)
     splits = {s for records in runs for r in records for s in ("test", "val") if s in r}
     ax_acc.legend(handles=[style("-", "train"), *(style(ls, s) for s, ls in (("test", "--"), ("val", ":")) if s in splits)],
                   fontsize=7, loc="lower right")
