@@ -292,8 +292,10 @@ def test_a_read_only_output_folder_is_refused_before_anything_runs(tmp_path, tmp
 @pytest.mark.parametrize("argv, message", [
     (["config", CONFIG, "data.options.seed=3"], "data.options.seed: set by the run; use the top-level key seed instead"),
     (["config", CONFIG, "data.options.root=x"], "data.options.root: set by the run; use data.root instead"),
-    (["config", CONFIG, "data.options.split=test"], "data.options.split: set by the run"),
-    (["config", CONFIG, "model.options.num_classes=5"], "model.options.num_classes: set by the run"),
+    (["config", CONFIG, "data.options.split=test"],
+     "data.options.split: set by the run; use data.options.val_fraction for a validation split (the run builds its "
+     "train and test splits itself) instead"),
+    (["config", CONFIG, "model.options.num_classes=5"], "model.options.num_classes: set by the run; use nothing: the data set"),
     (["config", CONFIG, "optim.lr=.nan"], "optim.lr: expected a finite number, got nan"),
     (["config", CONFIG, "optim.lr=.inf"], "optim.lr: expected a finite number, got inf"),
     (["config", CONFIG, "optim.lr=-.inf"], "optim.lr: expected a finite number, got -inf"),

@@ -423,3 +423,17 @@ def test_report_and_demo_go_on_past_damaged_files(finished, tmp_path, capsys):
     good = RunDir(finished).read_result()
     md = table([("Teacher", [good, None])])
     assert "| Teacher |" in md and md.splitlines()[-1].endswith("| 1/2 |")
+
+
+def test_a_damaged_teacher_is_refused_by_run_and_by_file(finished, tmp_path):
+    from fairdistill.engine import Trainer
+
+    run = copy_run(finished, tmp_path / "teacher")
+    b = bytearray((run / "checkpoint.pt").read_bytes())
+    b[len(b) // 3] ^= 0x04
+    (run / "checkpoint.pt").write_bytes(bytes(b))
+    model = {"name": "mfd-cnn", "options": {"image_size": 8}}
+    for i, teacher in enumerate(({"run": str(run)}, {"checkpoint": str(run / "checkpoint.pt"), "model": model})):
+        with pytest.raises(RunDirError, match=r"checkpoint\.pt is damaged: its contents do not match"):
+            Trainer(tiny(tmp_path / f"student{i}", method="hkd", teacher=teacher))
+        assert not (tmp_path / f"student{i}").exists()

@@ -20,7 +20,7 @@ from .schema import RunConfig, stage_list, stage_optim, stage_schedule
 
 DATA_RESERVED = {
     "root": "data.root",
-    "split": "nothing: the run builds its train and test splits (and val with data.options.val_fraction)",
+    "split": "data.options.val_fraction for a validation split (the run builds its train and test splits itself)",
     "seed": "the top-level key seed",
 }
 """Builder arguments that the run sets: refused in ``data.options``, with the key to use instead."""
