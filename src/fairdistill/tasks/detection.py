@@ -126,3 +126,15 @@ class Detection(Task):
 
     def evaluator(self, model, num_classes, num_groups, device):
         return DetectionEvaluator(model, self, num_classes, num_groups, device)
+
+    @classmethod
+    def summary(cls, metrics: dict) -> str:
+        """One line (x100): mAP, each group's mAP, the AP gaps between groups (mean / max over
+        classes), the recall DEO_A / DEO_M and the loss."""
+        def pct(v):
+            return "n/a" if v is None or v != v else f"{100 * v:.2f}"
+
+        groups = " / ".join(pct(v) for v in metrics.get("map_by_group") or [])
+        return (f"mAP {pct(metrics.get('map'))} (by group {groups or 'n/a'})  AP gap A {pct(metrics.get('ap_gap_a'))} "
+                f"M {pct(metrics.get('ap_gap_m'))}  DEO_A {pct(metrics.get('deo_a'))}  DEO_M {pct(metrics.get('deo_m'))}  "
+                f"loss {metrics['loss']:.4f}")
