@@ -5,10 +5,16 @@
   report uses the sample one, ddof = 1);
 - ``ofd``: error rate = 100 - accuracy of the final epoch, median over the runs (OFD, official
   code's README and its issue #9), optionally pivoted with one column per setting (OFD Table 2,
-  supplement Tables 1-2).
+  supplement Tables 1-2);
+- ``seg`` (dense runs): mIoU, the mIoU gap between groups, DEO_A/DEO_M on per-(group, class)
+  pixel recall and the IoU gaps (mean/max over classes of max_g - min_g of IoU[g, c]);
+- ``det``: mAP, the mAP gap between groups, the AP gaps and DEO_A/DEO_M on per-(group, class)
+  recall; both x100, mean ± sample standard deviation over the seeds (``metrics/segmentation.py``,
+  ``metrics/detection.py``).
 
-:func:`mfd_table` and :func:`ofd_table` take :class:`TableRow`s (the demo builds them from its
-runs); :func:`write_report` reads a sweep folder (``fairdistill report DIR``).
+:func:`mfd_table`, :func:`ofd_table`, :func:`seg_table` and :func:`det_table` take
+:class:`TableRow`s (the demo builds them from its runs); :func:`write_report` reads a sweep
+folder (``fairdistill report DIR``).
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from pathlib import Path
 from .errors import FairdistillError, RunDirError
 from .progress import format_seconds
 from .rundir import read_json, write_text
-from .sweeps.plan import collect
+from .sweeps.state import collect
 from .sweeps.spec import LAYOUTS, SweepSpec, STATUS
 
 
@@ -145,8 +151,72 @@ def ofd_table(entries: list[TableRow], with_paper: bool) -> tuple[str, list[dict
     return markdown_table(header, rows, "l" + "r" * (len(header) - 1)), records
 
 
+DENSE_COLUMNS = {"miou": "mIoU", "miou_gap": "mIoU gap", "map": "mAP", "map_gap": "mAP gap", "deo_a": "DEO_A",
+                 "deo_m": "DEO_M", "iou_gap_a": "IoU gap_A", "iou_gap_m": "IoU gap_M", "ap_gap_a": "AP gap_A",
+                 "ap_gap_m": "AP gap_M"}
+"""Column titles of the dense layouts' metrics."""
+
+
+def summarize_dense(results: list[dict], layout: str) -> dict[str, tuple[float | None, float | None]]:
+    """metric -> (mean, sample std) x100 over the runs of ``layout``'s final metrics; a run whose
+    value is NaN (a gap with fewer than two groups) is left out of that metric, and a metric no
+    run defines is (None, None)."""
+    out = {}
+    for m in LAYOUTS[layout]:
+        values = [100.0 * r["final"][m] for r in results if r["final"].get(m) is not None and r["final"][m] == r["final"][m]]
+        out[m] = mean_std(values) if values else (None, None)
+    return out
+
+
+def dense_table(entries: list[TableRow], layout: str, with_paper: bool) -> tuple[str, list[dict]]:
+    """Markdown and CSV records of the ``seg`` or ``det`` layout: one column per metric of
+    ``LAYOUTS[layout]`` (x100, mean ± std over seeds), each beside the paper's with ``with_paper``."""
+    header, align, rows, records = ["Method"], "l", [], []
+    for m in LAYOUTS[layout]:
+        header += [DENSE_COLUMNS[m], "(paper)"] if with_paper else [DENSE_COLUMNS[m]]
+        align += "rr" if with_paper else "r"
+    header.append("Runs")
+    align += "r"
+    for e in entries:
+        s = summarize_dense(e.results, layout)
+        cells, rec = [e.label], {"method": e.label, "runs": len(e.results), "planned": e.planned_runs}
+        for m in LAYOUTS[layout]:
+            mean, std = s[m]
+            cells.append(fmt(mean, std))
+            rec[f"{m}_mean"], rec[f"{m}_std"] = mean, std
+            paper = e.paper.get(m)
+            if with_paper:
+                cells.append(fmt_paper(paper))
+            parts = paper if isinstance(paper, list) else [paper]
+            rec[f"paper_{m}_mean"], rec[f"paper_{m}_std"] = parts[0], (parts[1] if len(parts) > 1 else None)
+        cells.append(e.runs)
+        rows.append(cells)
+        records.append(rec)
+    return markdown_table(header, rows, align), records
+
+
+def seg_table(entries: list[TableRow], with_paper: bool) -> tuple[str, list[dict]]:
+    """The ``seg`` layout: mIoU, mIoU gap, DEO_A, DEO_M (pixel recall), IoU gap_A, IoU gap_M."""
+    return dense_table(entries, "seg", with_paper)
+
+
+def det_table(entries: list[TableRow], with_paper: bool) -> tuple[str, list[dict]]:
+    """The ``det`` layout: mAP, mAP gap, AP gap_A, AP gap_M, DEO_A, DEO_M (recall)."""
+    return dense_table(entries, "det", with_paper)
+
+
+TABLES = {"mfd": mfd_table, "ofd": ofd_table, "seg": seg_table, "det": det_table}
+"""Layout -> its table function."""
+
+
 def describe_measure(spec: SweepSpec) -> str:
-    if spec.layout == "mfd":
+    if spec.layout in ("seg", "det"):
+        what = ("mIoU, the mIoU gap between groups, DEO_A / DEO_M on per-(group, class) pixel recall and the IoU "
+                "gaps (mean / max over classes)" if spec.layout == "seg" else
+                "mAP (VOC07), the mAP gap between groups, the AP gaps (mean / max over classes) and DEO_A / DEO_M on "
+                "per-(group, class) recall")
+        what += " (%) of the final epoch on the test set: mean ± sample standard deviation (ddof = 1) over the seeds"
+    elif spec.layout == "mfd":
         what = ("Accuracy, DEO_A and DEO_M (%) of the final epoch on the test set: mean ± sample standard deviation "
                 "(ddof = 1) over the seeds")
     else:
@@ -218,7 +288,7 @@ def write_report(folder: str | Path, plot: bool = True) -> tuple[str, list[Path]
     entries = [TableRow(c.row.label, c.results, len(c.row.seeds), c.row.paper, c.row.column, c.missing)
                for c in collected]
     with_paper = any(e.paper for e in entries)
-    table, records = (mfd_table if spec.layout == "mfd" else ofd_table)(entries, with_paper)
+    table, records = TABLES[spec.layout](entries, with_paper)
     parts = [f"# {spec.title or spec.name}", "", describe_measure(spec), ""]
     busy = sum(c.busy for c in collected)
     if busy:
@@ -236,7 +306,7 @@ def write_report(folder: str | Path, plot: bool = True) -> tuple[str, list[Path]
         parts += [describe_epochs(entries), describe_time(done)]
     files = [folder / "report.md", folder / "report.csv"]
     note = ""
-    if plot and any(len(r.get("group_names") or []) > 1 for r in done):
+    if plot and spec.layout in ("mfd", "ofd") and any(len(r.get("group_names") or []) > 1 for r in done):
         try:
             from .plots import accuracy_vs_deo
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "FolderLock": "plan", "RunPlan": "plan", "claim_action": "plan", "collect": "plan", "owner_of": "plan",
+    "FolderLock": "plan", "RunPlan": "plan", "claim_action": "plan", "collect": "state", "owner_of": "plan",
     "plan_sweep": "plan",
-    "SweepSummary": "runner", "run_sweep": "runner", "stop": "runner",
+    "SweepSummary": "session", "run_sweep": "runner", "stop": "runner",
     "LAYOUTS": "spec", "LOCK": "spec", "MARKER": "spec", "SPEC_COPY": "spec", "STATUS": "spec", "RowSpec": "spec",
     "SweepSpec": "spec", "load_spec": "spec", "run_overrides": "spec",
     "LauncherSpec": "launcher",

@@ -18,7 +18,7 @@ import yaml
 from ..config import RunConfig, config_changes, load_config, safe_load
 from ..errors import ConfigError, FairdistillError, RunDirError
 from ..rundir import RunDir, write_text
-from .spec import LOCK, MARKER, SPEC_COPY, RowSpec, SweepSpec, depth, load_spec, run_overrides, run_path, spec_yaml, teacher_seed
+from .spec import LOCK, MARKER, SPEC_COPY, RowSpec, SweepSpec, depth, run_overrides, run_path, spec_yaml, teacher_seed
 
 
 @dataclass(eq=False)
@@ -165,42 +165,3 @@ def describe_plan(plans: list[RunPlan]) -> str:
     c = Counter(p.action for p in plans)
     lines.append(f"{len(plans)} runs: " + ", ".join(f"{c[a]} {a}" for a in ("run", "resume", "skip", "conflict") if c[a]))
     return "\n".join(lines)
-
-
-@dataclass
-class RowResults:
-    """A table row of a sweep folder: the results of its finished runs, and what happened to the
-    others (``missing``: "seed 2 failed", "seed 3 queued (job 812, pending)", ...; ``busy``: how
-    many of them are still queued or running)."""
-
-    row: RowSpec
-    results: list
-    missing: list
-    busy: int = 0
-
-
-def collect(folder: str | Path) -> tuple[SweepSpec, list[RowResults]]:
-    """The saved spec of sweep folder ``folder`` and the runs of each table row, each unfinished
-    run with its state (:mod:`.state`: the scheduler is asked about the jobs of ``jobs.json``)."""
-    from .state import folder_states  # state reads markers through this module
-
-    folder = Path(folder)
-    f = folder / SPEC_COPY
-    if not f.is_file():
-        raise RunDirError(f"{folder}: no {SPEC_COPY}, so not a sweep folder; run `fairdistill sweep SPEC` first")
-    spec = load_spec(f, check_configs=False)
-    rows = [row for row in spec.rows if row.table]
-    runs = [(run_path(folder, row, s), owner_of(spec, row, s)) for row in rows for s in row.seeds]
-    states = iter(folder_states(folder, runs))
-    entries = []
-    for row in rows:
-        results, missing, busy = [], [], 0
-        for s in row.seeds:
-            st = next(states)
-            if st.state == "done":
-                results.append(RunDir(run_path(folder, row, s)).read_result())
-            else:
-                missing.append(f"seed {s} {st.detail if st.state == 'foreign' else st.describe()}")
-                busy += st.busy
-        entries.append(RowResults(row, results, missing, busy))
-    return spec, entries

@@ -8,15 +8,12 @@ non-interactive shell starts background processes). Runs that are running or que
 (a SLURM job of the same sweep, see :mod:`.state`) are left to them."""
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..progress import format_seconds
@@ -24,88 +21,8 @@ from ..rundir import RunDir, write_json
 from .jobs import process_alive, this_host
 from .plan import FolderLock, RunPlan, claim_folder, describe_plan, owner_of, plan_sweep, read_marker
 from .spec import LOG, MARKER, STATUS, SweepSpec
+from .session import SweepProgress, SweepSummary, child_env, cpu_count, last_error, stop_signals
 from .state import describe_states, plan_states
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def child_env() -> dict:
-    """The environment of a run's process: this fairdistill first on the import path."""
-    env = dict(os.environ)
-    src = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-def last_error(log: Path) -> str:
-    """The most telling line of a failed run's log: its error line, else its last line."""
-    try:
-        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return "no log"
-    errors = [ln for ln in lines if "error" in ln.lower()]
-    return ((errors or lines or ["empty log"])[-1])[:300]
-
-
-@dataclass
-class SweepSummary:
-    """What one ``run_sweep`` call did."""
-
-    runs: int
-    counts: dict
-    problems: list
-    wall_s: float
-
-    @property
-    def ok(self) -> bool:
-        """Every run finished (``busy``: left to a job or process elsewhere, is not finished)."""
-        return not any(self.counts.get(k) for k in ("failed", "skipped", "conflict", "busy", "interrupted"))
-
-
-class SweepProgress:
-    """Overall progress as one line: runs done/total, failures, elapsed, ETA.
-
-    Events (a run started, finished, failed) are printed as lines, each with the progress in
-    front; on a terminal the progress line is also redrawn every second.
-    """
-
-    def __init__(self, plans: list[RunPlan], stream):
-        self.plans, self.stream = plans, stream
-        self.live = getattr(stream, "isatty", lambda: False)()
-        self.t0 = self.last = time.perf_counter()
-        self.ended_now = 0  # runs this invocation ran to an end (done or failed)
-
-    def line(self) -> str:
-        c = Counter(p.status for p in self.plans)
-        elapsed = time.perf_counter() - self.t0
-        remaining = c["pending"] + c["running"] + c["queued"]
-        eta = format_seconds(elapsed / self.ended_now * remaining) if self.ended_now else "?"
-        queued = f", {c['queued']} queued" if c["queued"] else ""
-        return (f"[{c['done']}/{len(self.plans)} done, {c['failed']} failed, {c['skipped'] + c['conflict']} skipped, "
-                f"{c['running']} running{queued}; {format_seconds(elapsed)} elapsed, ETA {eta}]")
-
-    def event(self, text: str) -> None:
-        clear = "\r\x1b[K" if self.live else ""
-        self.stream.write(f"{clear}{self.line()} {text}\n")
-        self.stream.flush()
-        self.tick(force=True)
-
-    def tick(self, force: bool = False) -> None:
-        now = time.perf_counter()
-        if self.live and (force or now - self.last >= 1.0):
-            self.last = now
-            self.stream.write("\r" + self.line() + "\x1b[K")
-            self.stream.flush()
-
-    def close(self) -> None:
-        if self.live:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
 
 
 class _Sweep:
@@ -199,29 +116,6 @@ def stop(proc: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             pass
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def stop_signals():
-    """SIGTERM (a scheduler, ``kill``) and SIGINT raise KeyboardInterrupt inside, so a sweep
-    stops as on Ctrl-C, also when SIGINT came in ignored (a script's background job inherits it
-    so); the previous handlers come back after. Outside the main thread it changes nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    if previous[signal.SIGINT] in (signal.SIG_IGN, signal.SIG_DFL, None):
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def run_sweep(spec: SweepSpec, dry_run: bool = False, stream=None) -> SweepSummary:

@@ -37,7 +37,7 @@ from ..rundir import RunDir, write_json
 from .jobs import QUEUED, RUNNING, JobStore, local_states, this_host
 from .launcher import time_minutes
 from .plan import FolderLock, RunPlan, claim_folder, owner_of, plan_sweep, read_marker
-from .runner import SweepProgress, SweepSummary, child_env, cpu_count, last_error, stop_signals
+from .session import SweepProgress, SweepSummary, child_env, cpu_count, last_error, stop_signals
 from .spec import LOG, MARKER, STATUS, SweepSpec, slug
 from .state import describe_states, log_tail, plan_states, run_key
 

@@ -19,10 +19,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import RunDirError
 from ..rundir import RunDir
 from .jobs import QUEUED, RUNNING, JobStore, process_alive, scheduler_states, this_host
 from .plan import owned, owner_of, read_marker
-from .spec import LOG
+from .spec import LOG, SPEC_COPY, RowSpec, SweepSpec, load_spec, run_path
 
 BUSY = ("running", "queued")
 
@@ -149,3 +150,40 @@ def describe_states(plans: list, states: dict, everything: bool = True) -> str:
         counts = Counter(st.state for st in states.values())
         lines.append(f"{len(plans)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     return "\n".join(lines)
+
+
+@dataclass
+class RowResults:
+    """A table row of a sweep folder: the results of its finished runs, and what happened to the
+    others (``missing``: "seed 2 failed", "seed 3 queued (job 812, pending)", ...; ``busy``: how
+    many of them are still queued or running)."""
+
+    row: RowSpec
+    results: list
+    missing: list
+    busy: int = 0
+
+
+def collect(folder: str | Path) -> tuple[SweepSpec, list[RowResults]]:
+    """The saved spec of sweep folder ``folder`` and the runs of each table row, each unfinished
+    run with its state (:mod:`.state`: the scheduler is asked about the jobs of ``jobs.json``)."""
+    folder = Path(folder)
+    f = folder / SPEC_COPY
+    if not f.is_file():
+        raise RunDirError(f"{folder}: no {SPEC_COPY}, so not a sweep folder; run `fairdistill sweep SPEC` first")
+    spec = load_spec(f, check_configs=False)
+    rows = [row for row in spec.rows if row.table]
+    runs = [(run_path(folder, row, s), owner_of(spec, row, s)) for row in rows for s in row.seeds]
+    states = iter(folder_states(folder, runs))
+    entries = []
+    for row in rows:
+        results, missing, busy = [], [], 0
+        for s in row.seeds:
+            st = next(states)
+            if st.state == "done":
+                results.append(RunDir(run_path(folder, row, s)).read_result())
+            else:
+                missing.append(f"seed {s} {st.detail if st.state == 'foreign' else st.describe()}")
+                busy += st.busy
+        entries.append(RowResults(row, results, missing, busy))
+    return spec, entries
