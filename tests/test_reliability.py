@@ -32,7 +32,7 @@ from fairdistill.engine.checkpoint import (
     load_weights, save_checkpoint,
 )
 from fairdistill.errors import ConfigError, RunDirError
-from fairdistill.rundir import LOCK, RunDir, RunLock, atomic_write, lock_holder, write_json, write_text
+from fairdistill.rundir import LOCK, RunDir, RunLock, atomic_write, write_json, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"data": {"name": "digits-s", "batch_size": 64, "eval_batch_size": 1024},
