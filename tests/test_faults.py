@@ -295,7 +295,7 @@ def test_a_read_only_output_folder_is_refused_before_anything_runs(tmp_path, tmp
     (["config", CONFIG, "data.options.split=test"],
      "data.options.split: set by the run; use data.options.val_fraction for a validation split (the run builds its "
      "train and test splits itself) instead"),
-    (["config", CONFIG, "model.options.num_classes=5"], "model.options.num_classes: set by the run; use nothing: the data set"),
+    (["config", CONFIG, "model.options.num_classes=5"], "model.options.num_classes: set by the run; use data.name (the data set fixes the number of classes)"),
     (["config", CONFIG, "optim.lr=.nan"], "optim.lr: expected a finite number, got nan"),
     (["config", CONFIG, "optim.lr=.inf"], "optim.lr: expected a finite number, got inf"),
     (["config", CONFIG, "optim.lr=-.inf"], "optim.lr: expected a finite number, got -inf"),

@@ -49,10 +49,9 @@ def train_config(config: str, overrides: list[str], resume: bool):
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
     from .engine import train
-
     from .engine.build import default_out
+    from .tasks import TASKS
 
     cfg = train_config(args.config, args.overrides, args.resume)
     try:
@@ -63,9 +62,7 @@ def cmd_train(args) -> int:
         return 130
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
-    f = result["final"]
-    print(f"finished {cfg.name}: accuracy {_pct(f['accuracy'])}  DEO_A {_pct(f['deo_a'])}  DEO_M {_pct(f['deo_m'])}  "
-          f"({result['wall_time_s']:.1f} s)")
+    print(f"finished {cfg.name}: {TASKS.get(result['task']).summary(result['final'])}  ({result['wall_time_s']:.1f} s)")
     return 0
 
 

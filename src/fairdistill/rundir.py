@@ -13,7 +13,6 @@ to do; the file it was replacing is left as it was.
 """
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -25,35 +24,15 @@ from .config import RESUMABLE, RunConfig, apply_overrides, from_dict, parse_over
 from .plugins import with_plugins
 from .errors import ConfigError, RunDirError
 from .runlock import LOCK, LockHolder, RunLock, busy_error, lock_holder  # noqa: F401 (the lock's public names)
+from .write_errors import RUN_FILES, write_error  # noqa: F401 (write_error is part of this module's interface)
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
-RUN_FILES = ("config.yaml", "checkpoint.pt", "metrics.jsonl", "result.json")
-"""The files ``train`` writes in a run directory (their interrupted temporaries are its to remove)."""
 _TEMP = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}$")  # what tempfile.mkstemp(prefix=".NAME.") makes
 
 
 # ----------------------------------------------------------------------------- atomic writes
-
-
-def write_error(path: Path, err: OSError) -> RunDirError:
-    """The RunDirError a user can act on for ``err`` raised while writing ``path``."""
-    path = Path(path)
-    if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        kept = "the previous checkpoint is intact" if path.name == "checkpoint.pt" else (
-            f"the previous {path.name} is intact" if path.is_file() else f"no {path.name} was written")
-        hint = f"; free some space, then continue with `fairdistill train --resume {path.parent}`" \
-            if path.name in RUN_FILES else "; free some space and run the command again"
-        return RunDirError(f"no space left on device while writing {path}; {kept}{hint}")
-    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        why = "the file system is read-only" if err.errno == errno.EROFS else "permission denied"
-        return RunDirError(f"cannot write {path}: {why}; choose a writable folder (out=DIR) or make {path.parent} writable")
-    if isinstance(err, (NotADirectoryError, FileExistsError)) or err.errno in (errno.ENOTDIR, errno.EEXIST):
-        blocker = next((p for p in [path.parent, *path.parent.parents] if p.exists() and not p.is_dir()), None)
-        where = f"{blocker} is a file, not a folder" if blocker else (err.strerror or str(err))
-        return RunDirError(f"cannot write {path}: {where}; choose another folder (out=DIR)")
-    return RunDirError(f"cannot write {path}: {err.strerror or err}")
 
 
 class _Recording:

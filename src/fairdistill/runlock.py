@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RunDirError
+from .write_errors import write_error
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +124,6 @@ class RunLock:
         return self._fd is not None
 
     def acquire(self) -> "RunLock":
-        from .rundir import write_error  # rundir imports this module
-
         if self._fd is not None:
             raise RunDirError(f"{self.folder}: this process already holds its lock")
         self._created = not self.folder.exists()

@@ -14,6 +14,7 @@ from ..errors import ConfigError
 from ..methods import TERMS
 from ..methods.objective import RESERVED, build_terms
 from ..models import check_model_options
+from ..models.base import NUM_CLASSES
 from ..registry import check_number, check_options, suggest
 from ..tasks import TASKS, task_of
 from .schema import RunConfig, stage_list, stage_optim, stage_schedule
@@ -24,7 +25,7 @@ DATA_RESERVED = {
     "seed": "the top-level key seed",
 }
 """Builder arguments that the run sets: refused in ``data.options``, with the key to use instead."""
-MODEL_RESERVED = {"num_classes": "nothing: the data set fixes the number of classes"}
+MODEL_RESERVED = NUM_CLASSES
 
 
 def check_device(device: str) -> None:

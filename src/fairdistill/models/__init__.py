@@ -11,7 +11,7 @@ from ..registry import check_options
 from . import (  # noqa: F401  (register the zoo)
     cifar_cnn, deeplab, mobilenet, mobilenetv2, pyramidnet, resnet_cifar, resnet_imagenet, shufflenet, ssd, wrn,
 )
-from .base import MODELS, FeatureModel, FeatureNotComputed, Features, OutputsOnly, count_parameters
+from .base import MODELS, NUM_CLASSES, FeatureModel, FeatureNotComputed, Features, OutputsOnly, count_parameters
 from .external import adapt, build_external, check_factory_options, check_logits, is_import_path
 from .hooks import HookedModel
 
@@ -37,7 +37,7 @@ def build_model(name: str, num_classes: int, key: str = "model", features=None,
     else:
         builder = MODELS.get(name, key=f"{key}.name")
         options = check_options(builder, options, f"{key}.options",
-                                reserved={"num_classes": "nothing: the data set fixes the number of classes"})
+                                reserved=NUM_CLASSES)
         model = builder(num_classes=num_classes, **{**data_options(builder, input_shape), **options})
         if not isinstance(model, nn.Module):
             raise ConfigError(f"{key}.name: the builder of {name!r} returned a {type(model).__name__}, not an nn.Module")
@@ -54,7 +54,7 @@ def check_model_options(name: str, options: dict, key: str = "model") -> dict:
     if is_import_path(name):
         return check_factory_options(name, options, key)
     return check_options(MODELS.get(name, key=f"{key}.name"), options, f"{key}.options",
-                         reserved={"num_classes": "nothing: the data set fixes the number of classes"})
+                         reserved=NUM_CLASSES)
 
 
 def data_options(builder, input_shape: Sequence[int] | None) -> dict:

@@ -12,6 +12,8 @@ from ..registry import Registry
 
 MODELS: Registry = Registry("model")
 """Model builders: ``builder(num_classes=..., **options) -> FeatureModel``."""
+NUM_CLASSES = {"num_classes": "data.name (the data set fixes the number of classes)"}
+"""The builder argument a config's ``model.options`` may not set, with the key to use instead."""
 
 
 @dataclass

@@ -35,7 +35,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..plugins import _where, import_object
 from ..registry import check_options, suggest
-from .base import FeatureModel
+from .base import NUM_CLASSES, FeatureModel
 from .hooks import HookedModel, classifier_path, dry_input, trace
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def _torchvision(name: str, key: str) -> Factory:
         names = tvm.list_models()
     if name not in names:
         raise ConfigError(f"{key}: torchvision has no classification model {name!r}.{suggest(name, names)}")
-    reserved = {"weights": NO_DOWNLOAD, "progress": NO_DOWNLOAD, "num_classes": "nothing: the data set fixes it"}
+    reserved = {"weights": NO_DOWNLOAD, "progress": NO_DOWNLOAD, **NUM_CLASSES}
     return Factory(tvm.get_model_builder(name), reserved, True)
 
 
@@ -91,7 +91,7 @@ def _timm(name: str, key: str) -> Factory:
         raise ConfigError(f"{key}: timm has no model {name!r}.{suggest(name, timm.list_models())}")
     reserved = {k: NO_DOWNLOAD for k in ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay",
                                          "checkpoint_path", "cache_dir")}
-    reserved["num_classes"] = "nothing: the data set fixes it"
+    reserved.update(NUM_CLASSES)
     return Factory(functools.partial(timm.create_model, name, pretrained=False), reserved, True)
 
 
@@ -110,7 +110,7 @@ def model_factory(name: str, key: str = "model.name") -> Factory:
     except (TypeError, ValueError):
         params = {}
     takes = "num_classes" in params
-    return Factory(fn, {"num_classes": "nothing: the data set fixes it"} if takes else {}, takes)
+    return Factory(fn, {**NUM_CLASSES} if takes else {}, takes)
 
 
 def check_factory_options(name: str, options: dict, key: str = "model") -> dict:

@@ -21,7 +21,7 @@ from ..rundir import RunDir, write_json
 from .jobs import process_alive, this_host
 from .plan import FolderLock, RunPlan, claim_folder, describe_plan, owner_of, plan_sweep, read_marker
 from .spec import LOG, MARKER, STATUS, SweepSpec
-from .session import SweepProgress, SweepSummary, child_env, cpu_count, last_error, stop_signals
+from .session import SweepProgress, SweepSummary, child_env, cpu_count, last_error, result_line, stop_signals
 from .state import describe_states, plan_states
 
 
@@ -63,9 +63,7 @@ class _Sweep:
         rd = RunDir(p.path)
         if proc.returncode == 0 and rd.finished:
             self.mark(p, "done")
-            f = rd.read_result()["final"]
-            self.progress.event(f"done {p.label} ({format_seconds(p.wall_s)}): accuracy {100 * f['accuracy']:.2f}, "
-                                f"DEO_A {100 * f['deo_a']:.2f}, DEO_M {100 * f['deo_m']:.2f}")
+            self.progress.event(f"done {p.label} ({format_seconds(p.wall_s)}): {result_line(rd)}")
         else:
             self.mark(p, "failed")
             p.reason = f"exit code {proc.returncode}: {last_error(p.path / LOG)} (log: {p.path / LOG})"

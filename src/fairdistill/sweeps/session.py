@@ -11,7 +11,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import ConfigError, RunDirError
 from ..progress import format_seconds
+from ..rundir import RunDir
 from .plan import RunPlan
 
 
@@ -117,3 +119,15 @@ def stop_signals():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def result_line(rd: RunDir) -> str:
+    """The finished run's headline metrics (the task's summary line), or what is wrong with its
+    ``result.json``."""
+    from ..tasks import TASKS
+
+    try:
+        result = rd.read_result()
+        return TASKS.get(result.get("task", "classification")).summary(result["final"])
+    except (RunDirError, KeyError, TypeError, ConfigError) as e:
+        return f"result.json damaged ({e})"

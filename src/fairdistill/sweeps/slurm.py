@@ -37,7 +37,7 @@ from ..rundir import RunDir, write_json
 from .jobs import QUEUED, RUNNING, JobStore, local_states, this_host
 from .launcher import time_minutes
 from .plan import FolderLock, RunPlan, claim_folder, owner_of, plan_sweep, read_marker
-from .session import SweepProgress, SweepSummary, child_env, cpu_count, last_error, stop_signals
+from .session import SweepProgress, SweepSummary, child_env, cpu_count, last_error, result_line, stop_signals
 from .spec import LOG, MARKER, STATUS, SweepSpec, slug
 from .state import describe_states, log_tail, plan_states, run_key
 
@@ -275,9 +275,7 @@ class SubmititSweep:
         self.progress.ended_now += 1
         if rd.finished:
             p.status = "done"
-            f = rd.read_result()["final"]
-            self.progress.event(f"done {p.label} (job {self.handles[p].id}): accuracy {100 * f['accuracy']:.2f}, "
-                                f"DEO_A {100 * f['deo_a']:.2f}, DEO_M {100 * f['deo_m']:.2f}")
+            self.progress.event(f"done {p.label} (job {self.handles[p].id}): {result_line(rd)}")
             return
         t = p.teacher
         if t is not None and t.status in ("failed", "skipped"):

@@ -181,7 +181,10 @@ def collect(folder: str | Path) -> tuple[SweepSpec, list[RowResults]]:
         for s in row.seeds:
             st = next(states)
             if st.state == "done":
-                results.append(RunDir(run_path(folder, row, s)).read_result())
+                try:
+                    results.append(RunDir(run_path(folder, row, s)).read_result())
+                except RunDirError as e:
+                    missing.append(f"seed {s} damaged ({e})")
             else:
                 missing.append(f"seed {s} {st.detail if st.state == 'foreign' else st.describe()}")
                 busy += st.busy
