@@ -437,3 +437,15 @@ def test_a_damaged_teacher_is_refused_by_run_and_by_file(finished, tmp_path):
         with pytest.raises(RunDirError, match=r"checkpoint\.pt is damaged: its contents do not match"):
             Trainer(tiny(tmp_path / f"student{i}", method="hkd", teacher=teacher))
         assert not (tmp_path / f"student{i}").exists()
+
+
+def test_fingerprint_ignores_keys_at_their_defaults():
+    """A key added to the schema later appears in old configs at its default: the fingerprint
+    (what a config sets beyond the defaults) must not change, so old runs still resume."""
+    from fairdistill.config import load_config
+
+    base = ROOT / "configs" / "digits_s" / "hkd.yaml"
+    plain = config_fingerprint(load_config(base))
+    assert config_fingerprint(load_config(base, ["eval_every=1", "teacher.dropout=false", "data.augment={}"])) == plain
+    assert config_fingerprint(load_config(base, ["eval_every=2"])) != plain
+    assert config_fingerprint(load_config(base, ["out=elsewhere", "threads=1"])) == plain

@@ -85,6 +85,11 @@ def warn_run_state(run_dir: str) -> None:
         log.warning(note)
 
 
+CELL_TABLES = {"classification": ("cell_accuracy", "accuracy"), "segmentation": ("iou_by_group", "IoU"),
+               "detection": ("ap_by_group", "AP")}
+"""Per task, the result key of the per-(group, class) table ``eval`` prints and what it holds."""
+
+
 def cmd_eval(args) -> int:
     from .engine import evaluate_run
     from .engine.checkpoint import checkpoint_progress
@@ -99,12 +104,13 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
-        print(f"{args.run_dir}: accuracy {_pct(metrics['accuracy'])}  DEO_A {_pct(metrics['deo_a'])}  "
-              f"DEO_M {_pct(metrics['deo_m'])}  loss {metrics['loss']:.4f}")
-        names = metrics["group_names"]
-        print("per-(group, class) accuracy (x100):")
+        from .tasks import TASKS
+
+        print(f"{args.run_dir}: {TASKS.get(metrics['task']).summary(metrics)}")
+        key, what = CELL_TABLES[metrics["task"]]
+        print(f"per-(group, class) {what} (x100):")
         print("  group      " + " ".join(f"{c[:6]:>6}" for c in metrics["class_names"]))
-        for gname, row in zip(names, metrics["cell_accuracy"]):
+        for gname, row in zip(metrics["group_names"], metrics[key]):
             print(f"  {gname[:10]:<10} " + " ".join(_pct(v) for v in row))
     return 0
 

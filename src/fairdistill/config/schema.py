@@ -14,7 +14,7 @@ from typing import Annotated, Literal, Union
 from ..registry import Range, from_dict
 
 __all__ = ["DataConfig", "FeaturesConfig", "ModelConfig", "OptimConfig", "RESUMABLE", "RunConfig", "ScheduleConfig", "StageConfig",
-           "TeacherConfig", "config_changes", "from_dict", "stage_list", "stage_optim", "stage_schedule", "to_dict"]
+           "TeacherConfig", "config_changes", "from_dict", "non_default", "stage_list", "stage_optim", "stage_schedule", "to_dict"]
 
 NonNegInt = Annotated[int, Range(ge=0)]
 PosInt = Annotated[int, Range(ge=1)]
@@ -204,6 +204,28 @@ class RunConfig:
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def non_default(cfg) -> dict:
+    """The fields of dataclass ``cfg`` whose values differ from the field defaults, recursively
+    (sections, stages), as plain data: what a config says beyond the defaults, so that a key
+    added to the schema later (with its default) leaves it unchanged."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
+        if dataclasses.is_dataclass(value):
+            sub = non_default(value)
+            if sub or default is None:
+                out[f.name] = sub
+        elif isinstance(value, list) and any(dataclasses.is_dataclass(v) for v in value):
+            out[f.name] = [non_default(v) if dataclasses.is_dataclass(v) else v for v in value]
+        elif value != default:
+            out[f.name] = value
+    return out
 
 
 RESUMABLE = ("progress", "device", "compile", "threads", "loggers", "save_predictions")

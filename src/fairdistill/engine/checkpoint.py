@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..config import RESUMABLE, RunConfig, stage_list, to_dict
+from ..config import RESUMABLE, RunConfig, stage_list
+from ..config.schema import non_default
 from ..errors import RunDirError
 from ..rundir import RunDir, atomic_write, lock_holder
 
@@ -46,10 +47,12 @@ IDENTITY_IGNORES = ("out", *RESUMABLE)
 
 
 def config_fingerprint(cfg: RunConfig) -> str:
-    """SHA-256 (hex) of a run's identity: its resolved config as a dict without
-    :data:`IDENTITY_IGNORES`, as JSON with sorted keys and ``(",", ":")`` separators. A run
-    moved or copied elsewhere, or resumed on another device, keeps its fingerprint."""
-    identity = {k: v for k, v in to_dict(cfg).items() if k not in IDENTITY_IGNORES}
+    """SHA-256 (hex) of a run's identity: what its resolved config sets beyond the schema's
+    defaults (:func:`~fairdistill.config.schema.non_default`, so that a later version's new
+    keys leave it unchanged), without :data:`IDENTITY_IGNORES`, as JSON with sorted keys and
+    ``(",", ":")`` separators. A run moved or copied elsewhere, or resumed on another device,
+    keeps its fingerprint."""
+    identity = {k: v for k, v in non_default(cfg).items() if k not in IDENTITY_IGNORES}
     text = json.dumps(identity, sort_keys=True, separators=(",", ":"), allow_nan=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 

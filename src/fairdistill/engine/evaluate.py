@@ -48,5 +48,5 @@ def evaluate_run(path: str, device: str | None = None, predictions: str | None =
                    Precision(run.device.type, run.cfg.amp), recorder=recorder)
     if recorder is not None:
         write_predictions(predictions, recorder.result(), test.class_names)
-    out["class_names"], out["group_names"] = test.class_names, test.group_names
+    out["task"], out["class_names"], out["group_names"] = run.task.name, test.class_names, test.group_names
     return out
