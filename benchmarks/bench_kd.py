@@ -20,13 +20,16 @@ from fairdistill.engine.step import Precision, StageRun, StudentStep, train_step
 from fairdistill.methods.base import SetupContext  # noqa: E402
 from fairdistill.methods.objective import Objective  # noqa: E402
 from fairdistill.models import build_model  # noqa: E402
+from fairdistill.tasks import TASKS, Task  # noqa: E402
 
 
 def stepper(cfg: RunConfig, student, teacher, x, y, g, num_classes: int = 100, num_groups: int = 1,
-            precision: Precision | None = None):
+            precision: Precision | None = None, task: Task | None = None):
     """A zero-argument callable running one ``train_step`` of ``cfg``'s objective on (x, y, g);
-    terms are set up from a dry forward of ``x``, as the trainer does."""
-    objective = Objective(cfg.terms)
+    terms are set up from a dry forward of ``x``, as the trainer does. ``task``: the task whose
+    loss and training counts the step uses (default classification; ``y`` is its target)."""
+    task = task or TASKS.get("classification")()
+    objective = Objective(cfg.terms, task)
     with torch.no_grad():
         ctx = SetupContext(teacher=teacher, student_features=student.forward_features(x),
                            teacher_features=teacher.forward_features(x), num_classes=num_classes,
@@ -36,7 +39,7 @@ def stepper(cfg: RunConfig, student, teacher, x, y, g, num_classes: int = 100, n
     objective.to(x.device)
     stage = resolve_stages(cfg, objective)[0]
     opt = make_optimizer(list(student.parameters()) + list(objective.parameters()), cfg.optim)
-    run = StageRun(stage, StudentStep(student, objective), [opt], teacher, precision or Precision(x.device.type))
+    run = StageRun(stage, StudentStep(student, objective), [opt], teacher, precision or Precision(x.device.type), task)
     run.weights = objective.current_weights(stage.active, 0, 1)
     return lambda: train_step(run, (x, y, g), 0)
 
