@@ -80,7 +80,10 @@ class TeacherConfig:
     ``run`` names a finished run directory (its config gives the architecture and its
     checkpoint the weights). Alternatively ``checkpoint`` names a state-dict file and ``model``
     the architecture. ``bn_mode``: ``eval`` (running statistics) or ``train`` (batch statistics,
-    as the official OFD code).
+    as the official OFD code). ``cache``: serve the teacher's outputs from a cache built once
+    (``engine/teacher_cache.py``; the same values bit for bit): ``auto`` where exact and
+    worthwhile on the CPU, ``on`` (YAML's ``true``) wherever exact (refused, saying why, where
+    not), ``off`` (``false``).
     """
 
     run: str = ""
@@ -88,6 +91,8 @@ class TeacherConfig:
     model: Union[ModelConfig, None] = None
     bn_mode: Literal["eval", "train"] = "eval"
     dropout: bool = False  #: dropout layers active in the teacher (the official segmentation recipe)
+    #: cached teacher outputs (engine/teacher_cache.py): auto, on (or true), off (or false)
+    cache: Union[Literal["auto", "on", "off"], bool] = "auto"
 
 
 @dataclass

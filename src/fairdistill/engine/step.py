@@ -55,8 +55,9 @@ class StudentStep(nn.Module):
 @dataclass
 class StageRun:
     """What a training step of one stage needs besides the batch: the (possibly DDP-wrapped)
-    :class:`StudentStep`, the stage's optimizers, the teacher, the precision, the task and the
-    current term weights (set per epoch)."""
+    :class:`StudentStep`, the stage's optimizers, the teacher, the precision, the task, the
+    current term weights (set per epoch) and the teacher cache serving this stage
+    (``engine/teacher_cache.py``; None: the teacher runs)."""
 
     stage: Stage
     module: nn.Module
@@ -65,12 +66,15 @@ class StageRun:
     precision: Precision
     task: Task
     weights: dict = field(default_factory=dict)
+    teacher_cache: object = None
 
 
-def train_step(run: StageRun, batch: tuple, epoch: int) -> tuple[dict, dict]:
+def train_step(run: StageRun, batch: tuple, epoch: int, items: tuple | None = None) -> tuple[dict, dict]:
     """One optimisation step on ``batch = (x, target, g)``: teacher forward (no autograd unless
     a term needs it), student forward and objective, backward, every optimizer steps. Returns
-    the detached loss parts (with their sum as ``loss``) and the task's training counts."""
+    the detached loss parts (with their sum as ``loss``) and the task's training counts.
+    ``items``: the batch's dataset indices and flips (``teacher_cache.batch_items``), with which
+    the stage's teacher cache serves the teacher's features instead (a 1-row batch runs it)."""
     stage, precision = run.stage, run.precision
     x, y, g = batch
     x = precision.input(x)
@@ -78,7 +82,9 @@ def train_step(run: StageRun, batch: tuple, epoch: int) -> tuple[dict, dict]:
         x = x.detach().requires_grad_(True)
     teacher_feat = None
     with precision.autocast():
-        if stage.needs_teacher:
+        if stage.needs_teacher and run.teacher_cache is not None and items is not None and x.shape[0] > 1:
+            teacher_feat = run.teacher_cache.features(*items, y)
+        elif stage.needs_teacher:
             with torch.set_grad_enabled(stage.teacher_grad):
                 teacher_feat = forward(run.teacher, x, stage.needs_features)
         loss, parts, logits = run.module(x, y, g, teacher_feat, stage, run.weights, epoch)

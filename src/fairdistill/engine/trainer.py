@@ -30,6 +30,7 @@ from .checkpoint import config_fingerprint, load_checkpoint, save_checkpoint
 from .evaluate import evaluate
 from .stages import STATELESS, Stage, continue_state, lr_groups, make_optimizer, resolve_stages, scheduled_lr
 from .step import Precision, StageRun, StudentStep, train_step
+from .teacher_cache import batch_items, check_cache_config, open_teacher_cache
 
 def epoch_seed(seed: int, epoch: int) -> int:
     """The seed of one epoch's randomness, a function of the run's seed and the epoch only."""
@@ -64,6 +65,7 @@ class Trainer:
         self.run_dir = RunDir(cfg.out or default_out(cfg))
         self._check_run_dir()
         check_teacher(cfg)
+        check_cache_config(cfg)
         check_loggers(cfg.loggers)
         if cfg.save_predictions:
             check_task(task_of(cfg.data.name), "save_predictions")
@@ -105,6 +107,9 @@ class Trainer:
                 if m is not None:
                     m.forward_features = torch.compile(m.forward_features)
                     m.forward = torch.compile(m.forward)
+        self.teacher_cache = open_teacher_cache(cfg, self.stages, self.objective, self.teacher, self.data,
+                                                self.dist.world_size, self.precision, self.device,
+                                                log=self.log if self.is_main else lambda *_: None)
 
     def _check_run_dir(self, locked: bool = False) -> None:
         rd = self.run_dir
@@ -183,7 +188,9 @@ class Trainer:
 
             module = DDP(module, find_unused_parameters=True)
         optimizers = [o for o in [main, *own.values()] if o is not None]
-        return main, own, plateau, StageRun(stage, module, optimizers, self.teacher, self.precision, self.task)
+        cache = self.teacher_cache if self.teacher_cache is not None and stage.index in self.teacher_cache.stages else None
+        return main, own, plateau, StageRun(stage, module, optimizers, self.teacher, self.precision, self.task,
+                                            teacher_cache=cache)
 
     def _positions(self, stage: Stage) -> tuple[int, int]:
         """(offset, total) of ``stage``'s schedule in its unit (epochs or iterations): the stage
@@ -227,13 +234,14 @@ class Trainer:
         n = 0
         bar = Progress(steps, f"{self.cfg.name or 'run'} {stage.cfg.name} {epoch + 1}/{stage.epochs}",
                        enabled=self.cfg.progress and self.is_main, clock=self.clock)
+        items = batch_items(self.data.train_loader, global_epoch) if run.teacher_cache is not None else None
         for i, batch in enumerate(self.data.train_loader.epoch(global_epoch)):
             if i == steps:
                 break
             if per_step:
                 self._set_lr(main, stage, epoch * spe + i)
             try:
-                parts, batch_counts = train_step(run, batch, epoch)
+                parts, batch_counts = train_step(run, batch, epoch, None if items is None else next(items))
             except TrainingError as e:
                 raise TrainingError(f"{e} {self.run_dir.checkpoint} keeps the last good epoch. "
                                     f"{self.run_dir.lower_lr_command(self.cfg, stage.index, stage.optim.lr)}") from None

@@ -22,6 +22,7 @@ from ..registry import Range
 from .base import TERMS, SetupContext, Term, TermInput
 from .connector import Connector
 from .features import Position, Positions, check_same_spatial, paired_stages, resolve_positions
+from .fields import stage_field
 
 __all__ = ["AB", "ab_loss"]
 
@@ -66,6 +67,9 @@ class AB(Term):
         for i in self.indices:
             check_same_spatial(s_feats[i], t_feats[i], i, "ab")
             self.connectors.append(Connector(s_feats[i].shape[1], t_feats[i].shape[1]).to(ctx.device))
+
+    def teacher_fields(self) -> tuple[str, ...]:
+        return tuple(stage_field(self.position, i) for i in self.indices)
 
     def forward(self, inp: TermInput) -> torch.Tensor:
         s_feats, t_feats = paired_stages(inp.student, inp.teacher, self.position, "ab")

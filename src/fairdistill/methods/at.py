@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from .base import TERMS, SetupContext, Term, TermInput
 from .features import Position, Positions, match_spatial, paired_stages, resolve_positions
+from .fields import stage_field
 
 __all__ = ["AT", "at_loss", "attention_map"]
 
@@ -54,6 +55,9 @@ class AT(Term):
     def setup(self, ctx: SetupContext) -> None:
         s, _ = paired_stages(ctx.student_features, ctx.teacher_features, self.position, "at")
         self.indices = resolve_positions(self.positions, len(s), "at.positions")
+
+    def teacher_fields(self) -> tuple[str, ...]:
+        return tuple(stage_field(self.position, i) for i in self.indices)
 
     def forward(self, inp: TermInput) -> torch.Tensor:
         s_feats, t_feats = paired_stages(inp.student, inp.teacher, self.position, "at")

@@ -70,6 +70,8 @@ class Term(nn.Module):
     classification).
     ``optimizer`` is None to train the term's parameters with the student's optimizer, or an
     optimizer spec (same keys as the config's ``optim`` section) for a separate one.
+    :meth:`teacher_fields` declares which fields of the teacher's features the term reads: the
+    objective lets it read only those, and a teacher cache holds exactly their union.
 
     A subclass's ``__init__`` options are checked by their annotations (``Literal`` choices,
     ``Annotated[float, Range(gt=0)]`` bounds, ...) before it runs, whether the term is built
@@ -101,6 +103,21 @@ class Term(nn.Module):
 
     def setup(self, ctx: SetupContext) -> None:
         """Build modules whose sizes depend on the models; called once before training."""
+
+    def teacher_fields(self) -> tuple[str, ...] | None:
+        """The fields of the teacher's :class:`~fairdistill.models.Features` that ``forward``
+        reads, after :meth:`setup` (names as ``methods.fields``: ``"logits"``, ``"embedding"``,
+        ``"stages.I"``, ``"extra.block.I"``); reading any other raises
+        :class:`~fairdistill.models.FeatureNotComputed` (the objective turns it into an error
+        naming the term). Default: none without ``needs_teacher``, ``("logits",)`` without
+        ``needs_features``, and otherwise None: undeclared, the term may read every field and
+        the teacher's outputs are never served from a cache while it runs
+        (``engine/teacher_cache.py``). A term that reads teacher features overrides it."""
+        if not self.needs_teacher:
+            return ()
+        if not self.needs_features:
+            return ("logits",)
+        return None
 
     def forward(self, inp: TermInput) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -11,6 +11,7 @@ Shared by the feature-distillation terms (OFD, AB, AT, NST, FitNets, FT):
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Literal, Union
 
 import torch
@@ -49,17 +50,18 @@ def resolve_positions(spec: str | int | list[int], num_stages: int, key: str) ->
     return sorted(out)
 
 
-def stage_features(features: Features, position: str, key: str) -> list[torch.Tensor]:
-    """The stage features of kind ``position`` ("prerelu" or "block") from ``features``."""
+def stage_features(features: Features, position: str, key: str) -> Sequence[torch.Tensor]:
+    """The stage features of kind ``position`` ("prerelu" or "block") from ``features``, as the
+    features hold them (a view of declared fields lets only those be read: ``methods.fields``)."""
     if position == "prerelu":
-        return list(features.stages)
+        return features.stages
     block = features.extra.get("block")
     if block is None:
         raise ConfigError(
             f"{key}: position 'block' needs the model to expose its stage outputs as "
             "Features.extra['block'], and this model does not; use position: prerelu."
         )
-    return list(block)
+    return block
 
 
 def paired_stages(student: Features, teacher: Features, position: str, key: str):

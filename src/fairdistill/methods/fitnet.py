@@ -15,6 +15,7 @@ from torch import nn
 from ..errors import ConfigError
 from .base import TERMS, SetupContext, Term, TermInput
 from .features import Position, paired_stages
+from .fields import stage_field
 
 __all__ = ["FitNetHint", "hint_loss", "hint_regressor"]
 
@@ -98,6 +99,9 @@ class FitNetHint(Term):
         else:
             relu = self.feature == "stage" and self.position == "block"
             self.regressor = hint_regressor(s.shape, t.shape, relu, "fitnet-hint").to(ctx.device)
+
+    def teacher_fields(self) -> tuple[str, ...]:
+        return ("embedding",) if self.feature == "embedding" else (stage_field(self.position, self.index),)
 
     def forward(self, inp: TermInput) -> torch.Tensor:
         s, t = self._pair(inp.student, inp.teacher)

@@ -18,6 +18,7 @@ from ..errors import ConfigError
 from ..registry import Range
 from .base import TERMS, SetupContext, Term, TermInput
 from .features import Position, match_spatial, stage_features
+from .fields import stage_field
 
 __all__ = ["FT", "FTParaphraser", "Paraphraser", "Translator", "factor", "factor_channels", "factor_loss"]
 
@@ -90,13 +91,18 @@ class FTParaphraser(Term):
         super().__init__()
         self.rate, self.position = rate, position
         self.paraphraser: Paraphraser | None = None
+        self.last = 0  # index of the last stage (set up)
 
     def teacher_feature(self, features) -> torch.Tensor:
         return stage_features(features, self.position, "ft-paraphraser")[-1].detach()
 
     def setup(self, ctx: SetupContext) -> None:
+        self.last = len(stage_features(ctx.teacher_features, self.position, "ft-paraphraser")) - 1
         channels = self.teacher_feature(ctx.teacher_features).shape[1]
         self.paraphraser = Paraphraser(channels, self.rate).to(ctx.device)
+
+    def teacher_fields(self) -> tuple[str, ...]:
+        return (stage_field(self.position, self.last),)
 
     def forward(self, inp: TermInput) -> torch.Tensor:
         t = self.teacher_feature(inp.teacher)
@@ -145,6 +151,9 @@ class FT(Term):
         t_channels = source.teacher_feature(ctx.teacher_features).shape[1]
         s = stage_features(ctx.student_features, source.position, "ft")[-1]
         self.translator = Translator(s.shape[1], factor_channels(t_channels, source.rate)).to(ctx.device)
+
+    def teacher_fields(self) -> tuple[str, ...]:
+        return self._source[0].teacher_fields()
 
     def forward(self, inp: TermInput) -> torch.Tensor:
         source = self._source[0]

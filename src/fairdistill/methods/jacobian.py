@@ -60,6 +60,9 @@ class Jacobian(Term):
     teacher_grad = True
     input_grad = True
 
+    def teacher_fields(self) -> tuple[str, ...]:
+        return ("logits",)
+
     def forward(self, inp: TermInput) -> torch.Tensor:
         j_t = input_gradient(inp.teacher.logits, inp.y, inp.x, create_graph=False)
         j_s = input_gradient(inp.student.logits, inp.y, inp.x, create_graph=True)

@@ -179,6 +179,9 @@ class MFD(Term):
             )
         self.num_classes, self.num_groups = ctx.num_classes, ctx.num_groups
 
+    def teacher_fields(self) -> tuple[str, ...]:
+        return ("embedding",)
+
     def forward(self, inp: TermInput) -> torch.Tensor:
         s, t = inp.student.embedding, inp.teacher.embedding.detach()
         if self.connector is not None:

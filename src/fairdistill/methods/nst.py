@@ -41,6 +41,7 @@ from torch.autograd.function import once_differentiable
 
 from .base import TERMS, SetupContext, Term, TermInput
 from .features import Position, Positions, match_spatial, paired_stages, resolve_positions
+from .fields import stage_field
 
 __all__ = ["NST", "nst_form", "nst_loss"]
 
@@ -197,6 +198,11 @@ class NST(Term):
         if self.feature == "stage":
             s, _ = paired_stages(ctx.student_features, ctx.teacher_features, self.position, "nst")
             self.indices = resolve_positions(self.positions, len(s), "nst.positions")
+
+    def teacher_fields(self) -> tuple[str, ...]:
+        if self.feature == "embedding":
+            return ("embedding",)
+        return tuple(stage_field(self.position, i) for i in self.indices)
 
     def forward(self, inp: TermInput) -> torch.Tensor:
         total = 0.0

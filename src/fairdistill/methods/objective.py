@@ -1,15 +1,19 @@
 """The training objective: the task loss plus weighted method terms (DESIGN.md data flow)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
 from ..errors import ConfigError, TrainingError
 from ..models.base import FeatureNotComputed
 from .base import TERMS, Term, TermInput
+from .fields import DeclaredFeatures
 
 RESERVED = ("type", "weight", "weight_end")
 """Keys of a term's config that are not options of the term class."""
+UNDECLARED = "but the term does not declare it: add it to the term's teacher_fields()"
 
 
 def build_terms(specs: dict[str, dict]) -> tuple[nn.ModuleDict, dict[str, tuple[float, float | None]]]:
@@ -64,9 +68,14 @@ class Objective(nn.Module):
 
     def run_term(self, name: str, inp: TermInput) -> torch.Tensor:
         """The unweighted value of term ``name``; a term with ``autocast = False`` runs with
-        mixed precision off."""
+        mixed precision off. A term that declares its teacher fields (``Term.teacher_fields``)
+        sees only those (:class:`~.fields.DeclaredFeatures`)."""
         term = self.terms[name]
         try:
+            if inp.teacher is not None:
+                fields = term.teacher_fields()
+                if fields is not None:
+                    inp = replace(inp, teacher=DeclaredFeatures(inp.teacher, fields, UNDECLARED))
             if term.autocast or not torch.is_autocast_enabled(inp.y.device.type):
                 return term(inp)
             with torch.autocast(inp.y.device.type, enabled=False):

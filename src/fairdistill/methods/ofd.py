@@ -21,6 +21,7 @@ from ..registry import Range
 from .base import TERMS, SetupContext, Term, TermInput
 from .connector import Connector
 from .features import Positions, check_same_spatial, paired_stages, resolve_positions
+from .fields import stage_field
 from .kernels import ConnectorPartialL2, PartialL2, update_running_stats
 
 __all__ = ["OFD", "NegativeMean", "bn_margin", "connector_partial_l2", "partial_l2"]
@@ -221,6 +222,9 @@ class OFD(Term):
         if meters[0].neg_sum is None:
             raise ConfigError("ofd.margin: the training batches were empty; cannot estimate margins.")
         return [m.value() for m in meters]
+
+    def teacher_fields(self) -> tuple[str, ...]:
+        return tuple(stage_field("prerelu", i) for i in self.indices)
 
     def forward(self, inp: TermInput) -> torch.Tensor:
         s_feats, t_feats = inp.student.stages, inp.teacher.stages
