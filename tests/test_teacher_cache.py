@@ -118,6 +118,7 @@ def test_the_key_changes_with_the_weights_the_teacher_and_the_data_options(teach
     skew_key = _key(skewed.cfg, model, skewed.data.train_loader, [False, True], torch.float32, torch.device("cpu"))
     assert skew_key["data"]["images"] != changed["data"]["images"] and skew_key["data"]["options"] != key["data"]["options"]
     assert _key(cfg, model, loader, [False], torch.float32, torch.device("cpu"))["views"] == ["plain"]
+    assert _key(cfg, model, loader, [False, True], torch.float32, torch.device("cpu"), channels_last=True) != changed
 
 
 # ----------------------------------------------------------------------------- where it is not exact

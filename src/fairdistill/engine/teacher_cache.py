@@ -261,8 +261,10 @@ def _channels_last(t: torch.Tensor) -> bool:
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
-def _key(cfg: RunConfig, teacher: FeatureModel, loader: BatchLoader, views: list[bool], dtype, device) -> dict:
-    """What the cache's values depend on (module docstring), as plain data."""
+def _key(cfg: RunConfig, teacher: FeatureModel, loader: BatchLoader, views: list[bool], dtype, device,
+         channels_last: bool = False) -> dict:
+    """What the cache's values depend on (module docstring), as plain data; ``channels_last``:
+    the run's resolved memory layout."""
     t = cfg.teacher
     model = RunDir(t.run).read_config().model if t.run else t.model
     ds = loader.dataset
@@ -272,7 +274,7 @@ def _key(cfg: RunConfig, teacher: FeatureModel, loader: BatchLoader, views: list
         "data": {"name": cfg.data.name, "options": cfg.data.options, "images": tensor_digest({"images": ds.images}),
                  "mean": list(ds.mean or []), "std": list(ds.std or []), "crop": loader.crop.as_dict()},
         "views": ["flip" if f else "plain" for f in views], "batch_size": loader.batch_size,
-        "channels_last": bool(cfg.channels_last), "dtype": str(dtype), "device": device.type,
+        "channels_last": bool(channels_last), "dtype": str(dtype), "device": device.type,
         "threads": torch.get_num_threads(), "cpu": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__, "fairdistill": __version__,
     }
@@ -378,7 +380,7 @@ def _open(cfg, served, fields, teacher, loader, views, precision, device, mode, 
         log(f"teacher cache: off ({build.nbytes / 2**30:.1f} GiB of teacher outputs is more than "
             f"{AUTO_MEMORY_SHARE:.0%} of the memory); teacher.cache=on caches anyway")
         return None
-    key = _key(cfg, teacher, loader, views, build.dtype, device)
+    key = _key(cfg, teacher, loader, views, build.dtype, device, precision.channels_last)
     folder = Path(cfg.teacher.run) / CACHE_DIR / _digest(json.dumps(key, sort_keys=True))[:20] if cfg.teacher.run else None
     store = _Store(folder, key, log)
     values = {}

@@ -227,7 +227,8 @@ class ConnectorPartialL2(torch.autograd.Function):
                 per_chunk = max(1, min(n, CHUNK_ELEMENTS * torch.get_num_threads() // target[0].numel()))
             d_buf, keep_buf = empty_map(per_chunk, cout, x, cl, w.dtype), empty_map(per_chunk, cout, x, cl, w.dtype)
             m = margin.reshape(1, -1, 1, 1)
-            sq_norms, p_parts = [], []
+            loss = torch.zeros((), dtype=w.dtype, device=x.device)
+            p_acc = torch.zeros(cin + 1, cout, dtype=w.dtype, device=x.device) if need_params or need_x else None
             dx = empty_map(n, cin, x, cl, w.dtype) if need_x else None
             twice_at = folded[:, :cin].T * 2
             for lo in range(0, n, per_chunk):
@@ -238,16 +239,20 @@ class ConnectorPartialL2(torch.autograd.Function):
                 d_rows.baddbmm_(folded.expand(d_rows.shape[0], -1, -1), xc, beta=-1)
                 # Kept where S - T > 0 or F_t > 0, i.e. max(S - T, F_t) > 0 (float masks are the fast ones).
                 d.mul_(torch.maximum(d, f, out=keep_buf[: hi - lo]).gt_(0))
-                sq_norms.append(torch.linalg.vector_norm(d_rows, dim=2).square().sum())
-                if need_params or need_x:
-                    p_parts.append(torch.matmul(xc, d_rows.transpose(1, 2)).sum(0))  # this order is faster
+                # per-sample sums of squares over each sample's contiguous memory (a strided
+                # channels-last row norm is several times slower)
+                loss += torch.linalg.vector_norm(_memory_order(d).view(hi - lo, -1), dim=1).square().sum()
+                if p_acc is not None:  # P^T += sum over the chunk's samples of [X; 1] d^T
+                    if cl:
+                        p_acc.addmm_(xc[0], d_rows[0].T)
+                    else:
+                        p_acc.addbmm_(xc, d_rows.transpose(1, 2))
                 if need_x:
                     product_into(dx[lo:hi], twice_at, d_rows, cl)
             del d_buf, keep_buf
-            loss = torch.stack(sq_norms).sum()
             grads = [None] * 4
-            if need_params or need_x:
-                p_aug = torch.stack(p_parts).sum(0).T.mul_(2)
+            if p_acc is not None:
+                p_aug = p_acc.T.mul_(2)
                 dw, dgamma, dbeta, qc = fold_batch_norm_grads(
                     w, w_cov, inv_std, a, folded, p_aug, x_rows.shape[0] * x_rows.shape[2])
                 grads[1:] = dw.view(cout, cin, 1, 1), dgamma, dbeta
