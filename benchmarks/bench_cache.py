@@ -19,7 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+try:  # the command line's allocator settings (fairdistill/allocator.py), before torch allocates
+    from fairdistill.allocator import configure as configure_allocator
+except ImportError:  # a checkout without it: glibc's defaults (or the MALLOC_* variables set outside)
+    configure_allocator = None
+ALLOCATOR = configure_allocator() if configure_allocator is not None else "glibc defaults"
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_methods import method_config  # noqa: E402
@@ -100,7 +106,7 @@ def main(argv=None) -> None:
             times[name].append(time.thread_time() - t0)
     ratios = [c / u for c, u in zip(times["cached"], times["uncached"])]
     print(f"MFD epoch, MFD CNN -> MFD CNN, {n} items of 32x32, batch {args.batch}, flips, "
-          f"{args.threads} thread(s), {args.rounds} interleaved rounds (CPU time)")
+          f"{args.threads} thread(s), {args.rounds} interleaved rounds (CPU time), allocator: {ALLOCATOR}")
     print(f"same losses with and without the cache: {same}")
     print(f"uncached epoch {statistics.median(times['uncached']):6.2f} s, cached {statistics.median(times['cached']):6.2f} s;"
           f" cache built once in {build_s:.2f} s ({cache.nbytes / 2**20:.1f} MiB, 2 views)")

@@ -15,7 +15,10 @@ WRN-28-4 -> WRN-16-2, batch 64, 100 classes, the teacher's BN in train mode as t
 
 Time is ``time.thread_time()`` of the calling thread with one PyTorch thread (``--threads``):
 CPU time, so the load of other processes on a shared machine does not count (their cache and
-memory-bandwidth contention still does; hence the control).
+memory-bandwidth contention still does; hence the control). The process runs with the command
+line's allocator settings (``fairdistill.allocator``: no page faults from freed and re-mapped
+activation buffers, which otherwise add a chaotic 50-170 ms of kernel time per step here).
+``--ofd-layouts`` times the OFD pair in NCHW and/or channels-last (models and input).
 Run: ``PYTHONPATH=src python benchmarks/bench_methods.py [--rounds 9] [--ofd] [--only mfd,hkd]``.
 """
 from __future__ import annotations
@@ -26,7 +29,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+try:  # the command line's allocator settings (fairdistill/allocator.py), before torch allocates
+    from fairdistill.allocator import configure as configure_allocator
+except ImportError:  # a checkout without it: glibc's defaults (or the MALLOC_* variables set outside)
+    configure_allocator = None
+ALLOCATOR = configure_allocator() if configure_allocator is not None else "glibc defaults"
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kd import stepper  # noqa: E402
@@ -34,6 +43,7 @@ from bench_kd import stepper  # noqa: E402
 from fairdistill.config import RunConfig, from_dict  # noqa: E402
 from fairdistill.config.presets import expand_method  # noqa: E402
 from fairdistill.config.files import deep_merge  # noqa: E402
+from fairdistill.engine.step import Precision  # noqa: E402
 from fairdistill.engine.trainer import set_bn_mode  # noqa: E402
 from fairdistill.models import build_model  # noqa: E402
 
@@ -126,17 +136,22 @@ def mfd_family(args) -> dict:
     return fns
 
 
-def ofd_pair(args) -> dict:
+def ofd_pair(args, channels_last: bool = False) -> dict:
     torch.manual_seed(0)
     student = build_model("wrn-16-2", 100).train()
     teacher = build_model("wrn-28-4", 100).requires_grad_(False)
     set_bn_mode(teacher, "train")
     x = torch.randn(args.ofd_batch, 3, 32, 32)
+    if channels_last:
+        student.to(memory_format=torch.channels_last)
+        teacher.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 100, (args.ofd_batch,))
     g = torch.zeros_like(y)
     optim = {"name": "sgd", "lr": 0.01, "nesterov": True, "weight_decay": 5e-4}
-    plain = stepper(from_dict(RunConfig, {"optim": optim}), student, teacher, x, y, g)
-    ofd = stepper(method_config("ofd", {}, optim), student, teacher, x, y, g)
+    precision = Precision("cpu", channels_last=channels_last)
+    plain = stepper(from_dict(RunConfig, {"optim": optim}), student, teacher, x, y, g, precision=precision)
+    ofd = stepper(method_config("ofd", {}, optim), student, teacher, x, y, g, precision=precision)
 
     def floor():
         with torch.no_grad():
@@ -161,11 +176,12 @@ def main(argv=None) -> None:
     p.add_argument("--ofd", action="store_true", help="also the OFD pair (WRN-28-4 -> WRN-16-2)")
     p.add_argument("--no-mfd", action="store_true", help="skip the MFD family")
     p.add_argument("--only", default="", help="comma-separated MFD-family methods (default: all)")
+    p.add_argument("--ofd-layouts", default="nchw", help="nchw, cl or nchw,cl (the OFD pair's memory layouts)")
     args = p.parse_args(argv)
     args.only = [s for s in args.only.split(",") if s]
     torch.set_num_threads(args.threads)
-    print(f"CPU time per step, {args.threads} thread(s), {args.rounds} interleaved rounds x {args.repeats} calls; "
-          "per-round ratios: median (min, max)")
+    print(f"CPU time per step, {args.threads} thread(s), {args.rounds} interleaved rounds x {args.repeats} calls, "
+          f"allocator: {ALLOCATOR}; per-round ratios: median (min, max)")
     if not args.no_mfd:
         samples = cpu_rounds(mfd_family(args), args.rounds, args.repeats)
         print(f"MFD CNN -> MFD CNN, 32x32, batch {args.batch}, teacher in eval mode")
@@ -175,9 +191,10 @@ def main(argv=None) -> None:
             if name in MFD_FAMILY:
                 base = "floor" if MFD_FAMILY[name][2] else "plain"
                 print(ratio_line(name, samples, base, TARGETS.get(name, 1.03)))
-    if args.ofd:
-        samples = cpu_rounds(ofd_pair(args), args.rounds, args.repeats)
-        print(f"WRN-28-4 -> WRN-16-2, 32x32, batch {args.ofd_batch}, teacher BN in train mode")
+    for layout in args.ofd_layouts.split(",") if args.ofd else []:
+        samples = cpu_rounds(ofd_pair(args, layout == "cl"), args.rounds, args.repeats)
+        print(f"WRN-28-4 -> WRN-16-2, 32x32, batch {args.ofd_batch}, teacher BN in train mode, "
+              f"{'channels-last' if layout == 'cl' else 'NCHW'}")
         print(ratio_line("floor2", samples, "floor"))
         print(ratio_line("ofd", samples, "floor", TARGETS["ofd"]))
 

@@ -56,7 +56,12 @@ def test_run_directory_contents(tmp_path):
     assert 0.0 <= saved["final"]["deo_a"] <= saved["final"]["deo_m"] <= 1.0
     cells = saved["cell_accuracy"]
     assert len(cells) == 2 and len(cells[0]) == 10
-    assert saved["best"]["accuracy"] == max(r["test"]["accuracy"] for r in lines)
+    assert ["test" in r for r in lines] == [False, True]  # eval_every 0: only the final epoch is evaluated
+    assert saved["best"]["accuracy"] == lines[-1]["test"]["accuracy"]
+    every = train(cfg(tmp_path, "every", eval_every=1))
+    every_lines = [json.loads(line) for line in (tmp_path / "every" / "metrics.jsonl").read_text().splitlines()]
+    assert every["best"]["accuracy"] == max(r["test"]["accuracy"] for r in every_lines)
+    assert every["final"] == result["final"]  # evaluating more often changes no training
     # eval re-computes the same metrics from the checkpoint
     again = evaluate_run(str(rd))
     assert again["accuracy"] == pytest.approx(saved["final"]["accuracy"])

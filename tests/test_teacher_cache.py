@@ -109,7 +109,8 @@ def test_the_key_changes_with_the_weights_the_teacher_and_the_data_options(teach
     key = _key(cfg, model, loader, [False, True], torch.float32, torch.device("cpu"))
     assert key == _key(cfg, model, loader, [False, True], torch.float32, torch.device("cpu"))
     with torch.no_grad():
-        next(model.parameters()).view(-1)[0] += 1e-6  # a changed checkpoint
+        weight = next(model.parameters())
+        weight[(0,) * weight.dim()] += 1e-6  # a changed checkpoint
     changed = _key(cfg, model, loader, [False, True], torch.float32, torch.device("cpu"))
     assert changed["teacher"]["state"] != key["teacher"]["state"]
     other = build_model("mfd-cnn", 10, image_size=8)  # another teacher of the same architecture

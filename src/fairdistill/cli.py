@@ -288,10 +288,14 @@ def _quiet_stdout() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every ordinary failure is one ``fairdistill: error:`` line and exit 2
-    (130 when interrupted, 141 when stdout is a closed pipe), never a traceback."""
+    (130 when interrupted, 141 when stdout is a closed pipe), never a traceback. The process's
+    malloc settings are applied first (:func:`fairdistill.allocator.configure`)."""
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
+        from .allocator import configure
+
+        configure()  # before torch allocates: glibc malloc settings (FAIRDISTILL_MALLOC; allocator.py)
         rc = args.func(args)
         sys.stdout.flush()
         return rc

@@ -195,12 +195,18 @@ class RunConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    eval_every: PosInt = 1  #: evaluate on the test set every N epochs (and always at the end)
+    #: evaluate the test (and val) set every N epochs; 0: only when a metric is used (the end of the
+    #: run, a plateau schedule's monitor; engine.trainer.evaluations). ``best`` is the best evaluated epoch
+    eval_every: NonNegInt = field(default=0, metadata={"former_defaults": (1,)})
     progress: bool = True  #: show a progress line while training
-    deterministic: bool = True  #: ask PyTorch for deterministic kernels
+    #: ask PyTorch for deterministic kernels (torch.use_deterministic_algorithms) on CUDA and with compile;
+    #: the CPU's eager kernels are deterministic already, and the call is skipped there
+    deterministic: bool = True
     threads: NonNegInt = 0  #: CPU threads for PyTorch (0: PyTorch's default)
     amp: Literal["off", "bf16", "fp16"] = "off"  #: mixed precision (fp16 uses a GradScaler)
-    channels_last: bool = False  #: NHWC memory layout for models and inputs
+    #: NHWC memory layout for models and inputs: true, false, or auto (engine.defaults.resolve_channels_last:
+    #: channels-last on the CPU for the zoo families measured faster there, NCHW elsewhere)
+    channels_last: Union[bool, Literal["auto"]] = field(default="auto", metadata={"former_defaults": (False,)})
     compile: bool = False  #: torch.compile the student's and teacher's forwards
     loggers: list[Literal["tensorboard", "csv", "wandb"]] = field(default_factory=list)  #: scalars per epoch (loggers.py)
     save_predictions: bool = False  #: write predictions.csv (one row per test item) at the final epoch
@@ -214,7 +220,9 @@ def to_dict(cfg) -> dict:
 def non_default(cfg) -> dict:
     """The fields of dataclass ``cfg`` whose values differ from the field defaults, recursively
     (sections, stages), as plain data: what a config says beyond the defaults, so that a key
-    added to the schema later (with its default) leaves it unchanged."""
+    added to the schema later (with its default) leaves it unchanged. A value that was the
+    field's default in an earlier version (``metadata["former_defaults"]``: ``eval_every`` 1,
+    ``channels_last`` false) counts as a default too, so that configs saved then keep theirs."""
     out = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
@@ -222,6 +230,8 @@ def non_default(cfg) -> dict:
             default = f.default
         else:
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
+        if any(type(value) is type(v) and value == v for v in f.metadata.get("former_defaults", ())):
+            continue
         if dataclasses.is_dataclass(value):
             sub = non_default(value)
             if sub or default is None:

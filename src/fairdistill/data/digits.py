@@ -49,13 +49,17 @@ and 23.9), 20 epochs 87.1 / 89.6 / 80.6 % and 19.9 / 16.1 / 32.3: also biased, b
 """
 from __future__ import annotations
 
+import functools
 import math
+from importlib.metadata import PackageNotFoundError, version
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .base import DATASETS, ImageDataset
+from .cache import cached
 from .cifar import GROUP_NAMES, both_versions, check_skew, gray_and_colour, skewed_groups
 from .split import check_val_fraction, select_split
 
@@ -65,6 +69,62 @@ TEST_FRACTION = 1 / 3
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 LUMA_BACKGROUND, LUMA_STROKE, CHROMA = 0.3, 0.7, 0.3
 GRAY_CLASSES = (0, 1, 2, 3, 4)
+VERSION = 1
+"""Version of the construction: part of the data cache's key (``data/cache.py``), raised whenever the
+images it builds change, so that no cached file of an earlier construction is read."""
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def sklearn_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled digits: images (1797, 8, 8) float64 in [0, 1] (the stored 0..16
+    over 16, exact) and labels (1797,) int64; read from the data cache when it holds them, so
+    that scikit-learn is imported once per cache, not once per process."""
+    def build():
+        from sklearn.datasets import load_digits
+
+        raw = load_digits()
+        return {"images": raw.images.astype(np.uint8), "labels": raw.target.astype(np.int64)}
+
+    key = {"set": "sklearn-digits", "scikit-learn": package_version("scikit-learn")}
+    a = cached("sklearn-digits", key, {"images": ("uint8", (None, 8, 8)), "labels": ("int64", (None,))}, build)
+    return torch.from_numpy(a["images"]).double() / 16.0, torch.from_numpy(a["labels"])
+
+
+@functools.lru_cache(maxsize=4)
+def rendered(size: int, noise: float) -> dict[str, torch.Tensor]:
+    """The seed-independent part of digits-s (steps 1-3 and 6 of the module docstring) for all
+    1797 digits: colour images (N, 3, size, size) uint8, labels, the test mask, and the training
+    normalisation (``mean``, ``std``: tuples)."""
+    digits, labels = sklearn_digits()
+    gen = torch.Generator().manual_seed(LAYOUT_SEED)
+    is_test = split_mask(labels, gen)
+    colour = colourise(digits, size, noise, gen)
+    train_both, _, _ = both_versions(colour[~is_test], labels[~is_test])
+    mean, std = channel_stats(train_both)
+    return {"colour": colour, "labels": labels, "is_test": is_test, "mean": mean, "std": std}
+
+
+def build_split(split: str, seed: int, skew: float, size: int, noise: float, val_fraction: float) -> dict:
+    """The arrays of one digits-s split (steps 1-6): images, labels, groups, mean, std."""
+    parts = rendered(size, noise)
+    colour, labels, is_test = parts["colour"], parts["labels"], parts["is_test"]
+    if split == "test":
+        x, y, g = both_versions(colour[is_test], labels[is_test])
+    else:
+        train_x, train_y = colour[~is_test], labels[~is_test]
+        g = skewed_groups(train_y, skew, GRAY_CLASSES, seed)
+        ds = ImageDataset(gray_and_colour(train_x, g), train_y, g, 10, 2, name="digits-s")
+        ds = select_split(ds, split, val_fraction)
+        x, y, g = ds.images, ds.labels, ds.groups
+    return {"images": x.numpy(), "labels": y.numpy(), "groups": g.numpy(),
+            "mean": np.array(parts["mean"], dtype=np.float64), "std": np.array(parts["std"], dtype=np.float64)}
 
 
 def chroma_basis() -> torch.Tensor:
@@ -127,20 +187,18 @@ def digits_s(
     if not noise >= 0:
         raise ConfigError(f"digits-s: noise must be >= 0, got {noise!r}")
     check_val_fraction("digits-s", split, val_fraction)
-    from sklearn.datasets import load_digits
-
-    raw = load_digits()
-    digits = torch.from_numpy(raw.images).double() / 16.0
-    labels = torch.from_numpy(raw.target).long()
-    gen = torch.Generator().manual_seed(LAYOUT_SEED)
-    is_test = split_mask(labels, gen)
-    colour = colourise(digits, int(size), float(noise), gen)
-    train_x, train_y = colour[~is_test], labels[~is_test]
-    train_both, _, _ = both_versions(train_x, train_y)
-    mean, std = channel_stats(train_both)
-    meta = dict(name="digits-s", mean=mean, std=std, group_names=GROUP_NAMES)
-    if split == "test":
-        x, y, g = both_versions(colour[is_test], labels[is_test])
-        return ImageDataset(x, y, g, 10, 2, **meta)
-    g = skewed_groups(train_y, skew, GRAY_CLASSES, seed)
-    return select_split(ImageDataset(gray_and_colour(train_x, g), train_y, g, 10, 2, **meta), split, val_fraction)
+    size, noise, val_fraction = int(size), float(noise), float(val_fraction)
+    # the built split comes from the data cache (data/cache.py) when it holds it: the test split
+    # depends on neither seed nor skew; the key holds every input of the construction
+    key = {"set": "digits-s", "version": VERSION, "split": split, "size": size, "noise": noise,
+           "layout_seed": LAYOUT_SEED, "test_fraction": TEST_FRACTION, "gray_classes": GRAY_CLASSES,
+           "luma": [LUMA_WEIGHTS, LUMA_BACKGROUND, LUMA_STROKE, CHROMA], "torch": torch.__version__.split("+")[0],
+           "scikit-learn": package_version("scikit-learn")}
+    if split != "test":
+        key.update(seed=int(seed), skew=skew, val_fraction=val_fraction)
+    expected = {"images": ("uint8", (None, 3, size, size)), "labels": ("int64", (None,)), "groups": ("int64", (None,)),
+                "mean": ("float64", (3,)), "std": ("float64", (3,))}
+    a = cached(f"digits-s-{split}", key, expected, lambda: build_split(split, seed, skew, size, noise, val_fraction))
+    return ImageDataset(torch.from_numpy(a["images"]), torch.from_numpy(a["labels"]), torch.from_numpy(a["groups"]),
+                        10, 2, name="digits-s", mean=tuple(a["mean"].tolist()), std=tuple(a["std"].tolist()),
+                        group_names=GROUP_NAMES)

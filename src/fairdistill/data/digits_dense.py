@@ -56,7 +56,9 @@ from ..errors import ConfigError
 from .base import DATASETS
 from .cifar import GROUP_NAMES, both_versions, check_skew, gray_and_colour, skewed_groups
 from .dense import VOID, DenseDataset, builds, select_dense_split
+from .cache import cached
 from .digits import CHROMA, LAYOUT_SEED, LUMA_BACKGROUND, LUMA_STROKE, channel_stats, chroma_basis, split_mask
+from .digits import package_version, sklearn_digits
 from .split import check_val_fraction
 
 BASE_SIZE = 64
@@ -74,12 +76,9 @@ STREAM_TEST, STREAM_TRAIN, STREAM_RESAMPLE = 1, 2, 3
 
 @functools.lru_cache(maxsize=1)
 def digit_pools() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(digits (1797, 8, 8) float64 in [0, 1], labels (1797,), is_test (1797,)): digits-s's split."""
-    from sklearn.datasets import load_digits
-
-    raw = load_digits()
-    digits = torch.from_numpy(raw.images).double() / 16.0
-    labels = torch.from_numpy(raw.target).long()
+    """(digits (1797, 8, 8) float64 in [0, 1], labels (1797,), is_test (1797,)): digits-s's split
+    (scikit-learn's digits through the data cache, ``digits.sklearn_digits``)."""
+    digits, labels = sklearn_digits()
     return digits, labels, split_mask(labels, torch.Generator().manual_seed(LAYOUT_SEED))
 
 
@@ -178,12 +177,44 @@ def canvases(stream: tuple[int, ...], count: int, test: bool, size: int, noise: 
     return halves, colour, masks, [b for p in parts for b in p[2]], [b for p in parts for b in p[3]]
 
 
+VERSION = 1
+"""Version of the canvas construction: part of the data cache's key (``data/cache.py``), raised
+whenever the canvases it draws change, so that no cached file of an earlier construction is read."""
+
+
+def fixed_canvases(stream: int, count: int, test: bool, size: int, noise: float):
+    """:func:`canvases` of a fixed stream (``STREAM_TRAIN``, ``STREAM_TEST``) and the
+    normalisation of both renderings (``channel_stats``), the same values, read from the data
+    cache when it holds them (keyed by the arguments, the construction's constants and
+    version, and the torch, numpy and scikit-learn versions)."""
+    def build():
+        halves, colour, masks, boxes, box_labels = canvases((stream,), count, test, size, noise)
+        mean, std = channel_stats(both_versions(colour, torch.from_numpy(halves))[0])
+        return {"halves": np.asarray(halves, dtype=np.int64), "colour": colour.numpy(), "masks": masks.numpy(),
+                "boxes": torch.cat(boxes).numpy(), "box_labels": torch.cat(box_labels).numpy(),
+                "box_counts": np.array([len(b) for b in boxes], dtype=np.int64),
+                "mean": np.array(mean, dtype=np.float64), "std": np.array(std, dtype=np.float64)}
+
+    key = {"set": "digits-s-canvases", "version": VERSION, "stream": stream, "count": count, "test": test,
+           "size": size, "noise": noise, "layout_seed": LAYOUT_SEED, "sides": SIDES, "base_size": BASE_SIZE,
+           "max_digits": MAX_DIGITS, "tries": PLACE_TRIES, "ink": [INK, BORDER], "chunk": CHUNK,
+           "luma": [LUMA_BACKGROUND, LUMA_STROKE, CHROMA], "torch": torch.__version__.split("+")[0],
+           "numpy": np.__version__, "scikit-learn": package_version("scikit-learn")}
+    expected = {"halves": ("int64", (count,)), "colour": ("uint8", (count, 3, size, size)),
+                "masks": ("uint8", (count, size, size)), "boxes": ("float32", (None, 4)), "box_labels": ("int64", (None,)),
+                "box_counts": ("int64", (count,)), "mean": ("float64", (3,)), "std": ("float64", (3,))}
+    a = cached("digits-s-canvases", key, expected, build)
+    counts = a["box_counts"].tolist()
+    boxes = list(torch.from_numpy(a["boxes"]).split(counts))
+    box_labels = list(torch.from_numpy(a["box_labels"]).split(counts))
+    stats = (tuple(a["mean"].tolist()), tuple(a["std"].tolist()))
+    return a["halves"], torch.from_numpy(a["colour"]), torch.from_numpy(a["masks"]), boxes, box_labels, stats
+
+
 @functools.lru_cache(maxsize=4)
 def training_canvases(count: int, size: int, noise: float):
     """The fixed training canvases and the normalisation of both their renderings."""
-    halves, colour, masks, boxes, box_labels = canvases((STREAM_TRAIN,), count, False, size, noise)
-    both, _, _ = both_versions(colour, torch.from_numpy(halves))
-    return halves, colour, masks, boxes, box_labels, channel_stats(both)
+    return fixed_canvases(STREAM_TRAIN, count, False, size, noise)
 
 
 def _check(name: str, split: str, skew, train_canvases, test_canvases, size, noise, resample_every_epoch, val_fraction):
@@ -215,7 +246,7 @@ def build(task: str, name: str, split: str, seed: int, skew, train_canvases, tes
                             resample=resample, **target, **{k: v for k, v in meta.items() if k not in ("num_classes", "num_groups")})
 
     if split == "test":
-        t_halves, t_colour, t_masks, t_boxes, t_labels = canvases((STREAM_TEST,), test_canvases, True, size, noise)
+        t_halves, t_colour, t_masks, t_boxes, t_labels, _ = fixed_canvases(STREAM_TEST, test_canvases, True, size, noise)
         images, labels, groups = both_versions(t_colour, torch.from_numpy(t_halves))
         ids = [f"test-{i:04d}-{g}" for g in GROUP_NAMES for i in range(test_canvases)]
         return make(images, groups, labels, ids, torch.cat([t_masks, t_masks]), t_boxes * 2, t_labels * 2)

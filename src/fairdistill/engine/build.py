@@ -30,6 +30,7 @@ from ..rundir import RunDir
 log = logging.getLogger(__name__)
 from ..tasks import TASKS, Task, task_of
 from .checkpoint import load_run_checkpoint, load_weights
+from .defaults import resolve_channels_last
 
 
 def resolve_device(name: str) -> torch.device:
@@ -377,7 +378,8 @@ class RunModel:
 
 def load_run_model(path: str | Path, device: str | None = None) -> RunModel:
     """Rebuild the model of the run in ``path`` from its config and checkpoint, on ``device``
-    (default: the run's), in eval mode, with its test set."""
+    (default: the run's), in eval mode, in the run's memory layout (``channels_last``, resolved
+    for ``device``), with its test set."""
     run = RunDir(path)
     cfg = run.read_config()
     if device:
@@ -388,4 +390,6 @@ def load_run_model(path: str | Path, device: str | None = None) -> RunModel:
     task = build_task(cfg)
     model = build_run_model(cfg.model, task.num_outputs(test), input_shape_of(test))
     load_state(model, load_weights(run.checkpoint), f"{run.checkpoint}")
+    if resolve_channels_last(cfg.channels_last, dev, [model]):  # the layout training evaluated in
+        model.to(memory_format=torch.channels_last)
     return RunModel(cfg, model.to(dev).eval(), task, test, dev)

@@ -50,3 +50,20 @@ def evaluate_run(path: str, device: str | None = None, predictions: str | None =
         write_predictions(predictions, recorder.result(), test.class_names)
     out["task"], out["class_names"], out["group_names"] = run.task.name, test.class_names, test.group_names
     return out
+
+
+def evaluations(eval_every: int, global_epoch: int, is_last: bool, monitor: str | None,
+                stage_evaluates: bool = True) -> tuple[bool, bool]:
+    """(test, val): whether the epoch with 0-based run index ``global_epoch`` evaluates the test
+    set and the validation split (when there is one), i.e. whether a metric is used: the run's
+    last epoch (``result.json``) evaluates both; ``monitor`` (the stage's plateau schedule reads
+    ``test_loss`` or ``val_loss``; None without one) the set it reads, every epoch; with
+    ``eval_every`` = N >= 1 every N-th epoch of the run evaluates both (curves, loggers,
+    ``best``), with 0 (the default) none more. The validation split is also evaluated whenever
+    the test set is. A stage with ``evaluate: false`` evaluates only when it ends the run."""
+    if is_last:
+        return True, True
+    if not stage_evaluates:
+        return False, False
+    test = monitor == "test_loss" or (eval_every > 0 and (global_epoch + 1) % eval_every == 0)
+    return test, test or monitor == "val_loss"

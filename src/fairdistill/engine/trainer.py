@@ -27,10 +27,12 @@ from ..tasks import batch_size_of, task_of
 from .build import build_data, build_student, default_out, load_teacher, resolve_device, seed_everything, setup_terms
 from .build import check_run_inputs, load_state, resolve_threads
 from .checkpoint import config_fingerprint, load_checkpoint, save_checkpoint
-from .evaluate import evaluate
+from .defaults import resolve_channels_last
+from .evaluate import evaluate, evaluations
 from .stages import STATELESS, Stage, continue_state, lr_groups, make_optimizer, resolve_stages, scheduled_lr
 from .step import Precision, StageRun, StudentStep, train_step
 from .teacher_cache import batch_items, check_cache_config, open_teacher_cache
+
 
 def epoch_seed(seed: int, epoch: int) -> int:
     """The seed of one epoch's randomness, a function of the run's seed and the epoch only."""
@@ -72,7 +74,8 @@ class Trainer:
         resolve_device(cfg.device)
         self.dist, self.device = setup_distributed(cfg.device)
         self.is_main = self.dist.is_main
-        torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+        if self.device.type != "cpu" or cfg.compile:  # CPU kernels are deterministic; the call imports inductor (1.5 s)
+            torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
         if cfg.threads:
             torch.set_num_threads(resolve_threads(cfg.threads))
         seed_everything(cfg.seed)
@@ -94,10 +97,11 @@ class Trainer:
         self._teacher_bn_train = self.teacher is not None and any(
             (s.cfg.teacher_bn_mode or cfg.teacher.bn_mode) == "train" for s in self.stages)
         setup_terms(self.objective, self.student, self.teacher, self.data, cfg, self.device)
-        self.precision = Precision(self.device.type, cfg.amp, cfg.channels_last)
+        self.channels_last = resolve_channels_last(cfg.channels_last, self.device, (self.student, self.teacher))
+        self.precision = Precision(self.device.type, cfg.amp, self.channels_last)
         if cfg.amp == "fp16":
             self.precision.scaler = torch.amp.GradScaler(self.device.type)
-        if cfg.channels_last:
+        if self.channels_last:
             for m in (self.student, self.teacher, self.objective):
                 if m is not None:
                     m.to(memory_format=torch.channels_last)
@@ -374,11 +378,11 @@ class Trainer:
                 record = {"stage": stage.cfg.name, "epoch": epoch + 1, "global_epoch": global_epoch + 1,
                           "lr": main.param_groups[0]["lr"] if main else None, "train": train}
                 is_last = stage is self.stages[-1] and epoch == stage.epochs - 1
-                needs_test = plateau is not None and stage.schedule.monitor == "test_loss"
-                evaluates = stage.cfg.evaluate or is_last  # evaluate: false (MFD's FitNet hints)
-                if evaluates and (is_last or needs_test or (global_epoch + 1) % cfg.eval_every == 0):
+                test, val = evaluations(cfg.eval_every, global_epoch, is_last,
+                                        stage.schedule.monitor if plateau is not None else None, stage.cfg.evaluate)
+                if test:
                     record["test"] = self._evaluate(self.data.test_loader)
-                if evaluates and self.data.val_loader is not None:
+                if val and self.data.val_loader is not None:
                     record["val"] = self._evaluate(self.data.val_loader)
                 if plateau is not None:
                     plateau.step(record["test" if stage.schedule.monitor == "test_loss" else "val"]["loss"])

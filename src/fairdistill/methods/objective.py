@@ -76,9 +76,9 @@ class Objective(nn.Module):
                 fields = term.teacher_fields()
                 if fields is not None:
                     inp = replace(inp, teacher=DeclaredFeatures(inp.teacher, fields, UNDECLARED))
-            if term.autocast or not torch.is_autocast_enabled(inp.y.device.type):
+            if term.autocast or not torch.is_autocast_enabled(inp.g.device.type):
                 return term(inp)
-            with torch.autocast(inp.y.device.type, enabled=False):
+            with torch.autocast(inp.g.device.type, enabled=False):
                 return term(inp)
         except FeatureNotComputed as e:
             raise TrainingError(f"terms.{name} ({type(term).__name__}): {e}") from None

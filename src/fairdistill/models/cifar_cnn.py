@@ -19,6 +19,18 @@ from ..registry import check_number
 from .base import MODELS, FeatureModel, Features
 
 
+class OrderedDropout(nn.Dropout):
+    """``nn.Dropout`` whose mask follows the tensor's logical (N, C, H, W) order in every memory
+    layout: a channels-last input drops the same units as its NCHW copy (``nn.Dropout`` draws
+    in memory order). A contiguous input takes ``F.dropout`` itself (the same draws)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.is_contiguous() or self.p == 1:
+            return super().forward(x)
+        keep = 1.0 - self.p
+        return x * torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(keep).div_(keep)
+
+
 class MFDCNN(FeatureModel):
     """The CIFAR-10S CNN for ``image_size`` x ``image_size`` inputs (``image_size`` divisible by 8)."""
 
@@ -28,7 +40,7 @@ class MFDCNN(FeatureModel):
         widths = [in_channels, 32, 32, 64, 64, 128, 128]
         for i in range(6):
             setattr(self, f"conv{i + 1}", nn.Conv2d(widths[i], widths[i + 1], 3, padding=1))
-        self.drop = nn.Dropout(dropout)
+        self.drop = OrderedDropout(dropout)  # the same units in both layouts (channels_last: auto)
         self.fc1 = nn.Linear(128 * (image_size // 8) ** 2, 256)
         self.last = nn.Linear(256, num_classes)
         self.stage_channels = [32, 64, 128]
