@@ -22,6 +22,11 @@ fixed by the constant ``LAYOUT_SEED``, so it does not depend on ``seed``):
    digit gray (group 0) and then colour (group 1): 1198 images, about 60 per cell.
 6. Normalisation: per-channel mean/std of both versions of all training digits (independent of
    ``seed``), because the plain MFD CNN (no BatchNorm) learns far faster on centred inputs.
+7. Only with the option ``renders`` = k > 1: the training split holds k renderings of every
+   training digit, the first that of steps 2-3, rendering r >= 1 redrawn by steps 2-3 with its
+   own fixed generator (seed ``LAYOUT_SEED + r``: new noise and hue); each keeps the digit's
+   gray/colour assignment of step 5 (and, with ``val_fraction``, the same digits are held out of
+   every rendering). Test set and normalisation are those of k = 1.
 
 Why the bias is real. With skew 0.95, 5% of the training images of each class carry the
 minority appearance (6 or 7 per class), so gray vs colour is a strong shortcut for the split
@@ -111,18 +116,23 @@ def rendered(size: int, noise: float) -> dict[str, torch.Tensor]:
     return {"colour": colour, "labels": labels, "is_test": is_test, "mean": mean, "std": std}
 
 
-def build_split(split: str, seed: int, skew: float, size: int, noise: float, val_fraction: float) -> dict:
-    """The arrays of one digits-s split (steps 1-6): images, labels, groups, mean, std."""
+def build_split(split: str, seed: int, skew: float, size: int, noise: float, val_fraction: float,
+                renders: int = 1) -> dict:
+    """The arrays of one digits-s split (steps 1-7): images, labels, groups, mean, std."""
     parts = rendered(size, noise)
     colour, labels, is_test = parts["colour"], parts["labels"], parts["is_test"]
     if split == "test":
         x, y, g = both_versions(colour[is_test], labels[is_test])
     else:
-        train_x, train_y = colour[~is_test], labels[~is_test]
+        train_y = labels[~is_test]
         g = skewed_groups(train_y, skew, GRAY_CLASSES, seed)
-        ds = ImageDataset(gray_and_colour(train_x, g), train_y, g, 10, 2, name="digits-s")
-        ds = select_split(ds, split, val_fraction)
-        x, y, g = ds.images, ds.labels, ds.groups
+        xs, ys, gs = [], [], []
+        for r in range(renders):
+            train_x = colour[~is_test] if r == 0 else rerender(sklearn_digits()[0][~is_test], size, noise, r)
+            ds = ImageDataset(gray_and_colour(train_x, g), train_y, g, 10, 2, name="digits-s")
+            ds = select_split(ds, split, val_fraction)  # the same items in every rendering
+            xs.append(ds.images), ys.append(ds.labels), gs.append(ds.groups)
+        x, y, g = torch.cat(xs), torch.cat(ys), torch.cat(gs)
     return {"images": x.numpy(), "labels": y.numpy(), "groups": g.numpy(),
             "mean": np.array(parts["mean"], dtype=np.float64), "std": np.array(parts["std"], dtype=np.float64)}
 
@@ -151,6 +161,12 @@ def colourise(digits: torch.Tensor, size: int, noise: float, gen: torch.Generato
     return ((y + c).clamp(0, 1) * 255).round().to(torch.uint8)
 
 
+def rerender(digits: torch.Tensor, size: int, noise: float, r: int) -> torch.Tensor:
+    """Rendering ``r`` >= 1 of the training digits (step 7): ``colourise`` with its own fixed
+    generator (seed ``LAYOUT_SEED + r``), so new pixel noise and new hues, independent of ``seed``."""
+    return colourise(digits, size, noise, torch.Generator().manual_seed(LAYOUT_SEED + r))
+
+
 def split_mask(labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Fixed stratified test split: a random third (rounded) of each class."""
     perm = torch.randperm(labels.numel(), generator=gen)
@@ -170,7 +186,7 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
 @DATASETS.register("digits-s")
 def digits_s(
     *, root: str | None = None, split: str = "train", seed: int = 0,
-    skew: float = 0.95, size: int = 8, noise: float = 0.1, val_fraction: float = 0.0,
+    skew: float = 0.95, size: int = 8, noise: float = 0.1, val_fraction: float = 0.0, renders: int = 1,
 ) -> ImageDataset:
     """digits-s (module docstring); ``root`` is unused (the data ship with scikit-learn).
 
@@ -179,15 +195,20 @@ def digits_s(
     are bilinear upsamplings). ``noise``: standard deviation of the Gaussian pixel noise on the
     [0, 1] intensity map, the knob for how ambiguous the digits are. ``seed``: which training
     digits are gray. ``val_fraction``: share of each (group, class) cell held out of "train" as
-    "val" (``split.py``).
+    "val" (``split.py``). ``renders``: renderings of each training digit in the training set
+    (step 7; 1 = the single rendering of steps 2-3, the default); each further rendering draws
+    its own noise and hue, keeps the digit's gray/colour assignment, and multiplies the training
+    set (and the steps of an epoch) by ``renders``; the test set and the normalisation are unchanged.
     """
     skew = check_skew("digits-s", skew)
     if int(size) != size or size < 8:
         raise ConfigError(f"digits-s: size must be an integer >= 8 (the digits are 8x8), got {size!r}")
     if not noise >= 0:
         raise ConfigError(f"digits-s: noise must be >= 0, got {noise!r}")
+    if isinstance(renders, bool) or not isinstance(renders, int) or renders < 1:
+        raise ConfigError(f"digits-s: option renders must be an integer >= 1 (renderings of each training digit), got {renders!r}")
     check_val_fraction("digits-s", split, val_fraction)
-    size, noise, val_fraction = int(size), float(noise), float(val_fraction)
+    size, noise, val_fraction, renders = int(size), float(noise), float(val_fraction), int(renders)
     # the built split comes from the data cache (data/cache.py) when it holds it: the test split
     # depends on neither seed nor skew; the key holds every input of the construction
     key = {"set": "digits-s", "version": VERSION, "split": split, "size": size, "noise": noise,
@@ -196,9 +217,11 @@ def digits_s(
            "scikit-learn": package_version("scikit-learn")}
     if split != "test":
         key.update(seed=int(seed), skew=skew, val_fraction=val_fraction)
+        if renders != 1:  # absent at 1, so the default's cached files keep their key
+            key.update(renders=renders)
     expected = {"images": ("uint8", (None, 3, size, size)), "labels": ("int64", (None,)), "groups": ("int64", (None,)),
                 "mean": ("float64", (3,)), "std": ("float64", (3,))}
-    a = cached(f"digits-s-{split}", key, expected, lambda: build_split(split, seed, skew, size, noise, val_fraction))
+    a = cached(f"digits-s-{split}", key, expected, lambda: build_split(split, seed, skew, size, noise, val_fraction, renders))
     return ImageDataset(torch.from_numpy(a["images"]), torch.from_numpy(a["labels"]), torch.from_numpy(a["groups"]),
                         10, 2, name="digits-s", mean=tuple(a["mean"].tolist()), std=tuple(a["std"].tolist()),
                         group_names=GROUP_NAMES)

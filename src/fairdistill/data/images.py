@@ -19,13 +19,16 @@ import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..errors import DataError
 from ..registry import check_number
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -61,19 +64,28 @@ def resize_rgb(image: Image.Image, size: int | None, crop: int | None = None) ->
             raise ValueError("resize_rgb: a centre crop needs a size to resize to first")
         return image
     if crop is None:
-        return image.resize((size, size), Image.BILINEAR)
+        return image.resize((size, size), pil().BILINEAR)
     w, h = image.size
     if w <= h:
         new_w, new_h = size, int(size * h / w)
     else:
         new_w, new_h = int(size * w / h), size
     if (new_w, new_h) != (w, h):
-        image = image.resize((new_w, new_h), Image.BILINEAR)
+        image = image.resize((new_w, new_h), pil().BILINEAR)
     top, left = int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0))
     return image.crop((left, top, left + crop, top + crop))
 
 
-READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+def pil():
+    """Pillow's ``Image`` module, imported where images are read (not at start-up)."""
+    from PIL import Image
+
+    return Image
+
+
+def read_errors() -> tuple:
+    """What reading an image file can raise (missing, unreadable, truncated, a decompression bomb)."""
+    return (OSError, ValueError, SyntaxError, pil().DecompressionBombError)
 
 
 def stored_hw(paths: Sequence[Path], size: int | None, crop: int | None, *, name: str) -> tuple[int, int]:
@@ -84,9 +96,9 @@ def stored_hw(paths: Sequence[Path], size: int | None, crop: int | None, *, name
     if not paths:
         return 0, 0
     try:
-        with Image.open(paths[0]) as image:
+        with pil().open(paths[0]) as image:
             w, h = image.size
-    except READ_ERRORS as err:
+    except read_errors() as err:
         raise DataError(f"{name}: image file {paths[0]} could not be read ({type(err).__name__}: {err})") from None
     return h, w
 
@@ -104,11 +116,11 @@ def decode_images(paths: Sequence[Path], size: int | None, crop: int | None = No
 
     def work(i: int) -> tuple[str, str] | None:
         try:
-            with Image.open(paths[i]) as image:
+            with pil().open(paths[i]) as image:
                 if size is None and image.size != (w, h):
                     return "size", f"{paths[i]} is {image.size[0]}x{image.size[1]}"
                 out[i] = np.asarray(resize_rgb(image, size, crop)).transpose(2, 0, 1)
-        except READ_ERRORS as err:
+        except read_errors() as err:
             return "read", f"{paths[i]} ({type(err).__name__}: {err})"
         return None
 

@@ -43,14 +43,13 @@ from xml.parsers import expat
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..errors import ConfigError, DataError
 from ..registry import Range
 from .base import DATASETS
 from .dense import DenseDataset, builds
 from .group_csv import read_group_csv
-from .images import IMAGENET_MEAN, IMAGENET_STD, first_few
+from .images import IMAGENET_MEAN, IMAGENET_STD, first_few, pil, read_errors
 from .split import check_val_fraction, split_positions
 
 log = logging.getLogger(__name__)
@@ -156,16 +155,16 @@ def decode_images(paths: Sequence[Path], *, name: str, max_size: int | None = No
 
     def work(i: int) -> str | None:
         try:
-            with Image.open(paths[i]) as im:
+            with pil().open(paths[i]) as im:
                 im = im.convert("RGB")
                 w, h = im.size
                 if max_size is not None and max(w, h) > max_size:
                     s = max_size / max(w, h)
                     nw, nh = max(1, round(w * s)), max(1, round(h * s))
-                    im = im.resize((nw, nh), Image.BILINEAR)
+                    im = im.resize((nw, nh), pil().BILINEAR)
                     scales[i] = (nw / w, nh / h)
                 images[i] = torch.from_numpy(np.asarray(im).transpose(2, 0, 1).copy())
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        except read_errors() as err:
             return f"{paths[i]} ({type(err).__name__}: {err})"
         return None
 

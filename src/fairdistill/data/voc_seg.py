@@ -39,13 +39,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..errors import ConfigError, DataError
 from .base import DATASETS
 from .dense import DenseDataset, builds
 from .group_csv import read_group_csv
-from .images import IMAGENET_MEAN, IMAGENET_STD, cache_folder, first_few
+from .images import IMAGENET_MEAN, IMAGENET_STD, cache_folder, first_few, pil, read_errors
 from .split import check_val_fraction, split_positions
 
 log = logging.getLogger(__name__)
@@ -78,7 +77,7 @@ def read_list(path: Path, what: str) -> list[str]:
 
 def read_png_mask(path: Path) -> np.ndarray:
     """Class indices of a palette (mode P) or grayscale (mode L) PNG, as ``np.array(Image.open(f))``."""
-    with Image.open(path) as im:
+    with pil().open(path) as im:
         if im.mode not in ("P", "L"):
             raise ValueError(f"mode {im.mode}: expected a palette (P) or grayscale (L) PNG of class indices, "
                              f"not a colour-coded mask")
@@ -109,7 +108,7 @@ MASK_READERS = {"png": read_png_mask, "mat": read_sbd_mask}
 
 def decode_pair(image_path: Path, mask_path: Path, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 (3, H, W) image, uint8 (H, W) mask); ValueError/OSError with the reason otherwise."""
-    with Image.open(image_path) as im:
+    with pil().open(image_path) as im:
         rgb = np.asarray(im.convert("RGB"))
     mask = MASK_READERS[kind](mask_path)
     if mask.ndim != 2:
@@ -132,7 +131,7 @@ def decode_all(items: Sequence[tuple[Path, Path, str]], name: str, workers: int 
             return decode_pair(*item), None
         except FileNotFoundError as err:
             return None, f"missing file {err.filename}"
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        except read_errors() as err:
             return None, f"{item[0].name} / {item[1]} ({type(err).__name__}: {err})"
 
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
