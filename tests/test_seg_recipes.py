@@ -185,10 +185,10 @@ def test_a_seg_spec_refuses_a_classification_paper_column(tmp_path):
 
 
 def test_segmentation_demo_trains_its_four_rows_and_tabulates_their_results(tmp_path, capsys):
-    """``fairdistill demo --configs configs/digits_s_seg`` (the segmentation task found from the
+    """``fairdistill demo --task segmentation`` (its configs: configs/digits_s_seg; the task is checked against the
     folder): the table's cells are the x100 final metrics of the four runs' result.json."""
     out = tmp_path / "demo"
-    assert main(["demo", "--configs", str(SEG), "--out", str(out), *TINY]) == 0
+    assert main(["demo", "--task", "segmentation", "--out", str(out), *TINY]) == 0
     printed = capsys.readouterr().out
     assert "digits-s-seg, 1 seed(s), x100, final epoch" in printed
     lines = [line for line in printed.splitlines() if line.startswith("|")]

@@ -118,7 +118,7 @@ def cmd_eval(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(out=args.out, configs=args.configs, seeds=args.seeds, overrides=args.overrides)
+    run_demo(out=args.out, configs=args.configs, seeds=args.seeds, overrides=args.overrides, task=args.task)
     return 0
 
 
@@ -196,9 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(classification runs)")
     e.set_defaults(func=cmd_eval)
 
-    d = sub.add_parser("demo", help="teacher and students on the embedded digits-s data set, as one table")
-    d.add_argument("--out", default="runs/demo", help="folder of the demo's runs (default runs/demo)")
-    d.add_argument("--configs", default="configs/digits_s", help="folder of the demo's configs")
+    d = sub.add_parser("demo", help="teacher and students on the embedded digits-s data sets, as one table")
+    d.add_argument("--out", default="runs/demo", help="folder of the demo's runs (default runs/demo; "
+                   "segmentation and detection runs under OUT/<task>/)")
+    d.add_argument("--task", choices=("classification", "segmentation", "detection"), default=None,
+                   help="which demo: classification on digits-s (default), segmentation on digits-s-seg, "
+                        "detection on digits-s-det")
+    d.add_argument("--configs", default=None, help="folder of the demo's configs (default: the task's, "
+                   "configs/digits_s, configs/digits_s_seg or configs/digits_s_det)")
     d.add_argument("--seeds", type=_positive, default=1, help="seeds per row (mean +- std when > 1)")
     d.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
     d.set_defaults(func=cmd_demo)
