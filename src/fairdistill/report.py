@@ -95,18 +95,20 @@ class TableRow:
         return len(self.results) if self.planned is None else self.planned
 
 
-def mfd_table(entries: list[TableRow], with_paper: bool) -> tuple[str, list[dict]]:
-    """Markdown and CSV records of the mfd layout (paper values beside the measured ones)."""
+def mean_std_table(entries: list[TableRow], columns: dict[str, str], summarize, with_paper: bool) -> tuple[str, list[dict]]:
+    """Markdown and CSV records of a layout of mean ± std columns: ``columns`` maps each metric to
+    its header, ``summarize(results)`` gives each metric's (mean, std) x100 (None where absent);
+    with ``with_paper`` each column has the paper's value beside it."""
     header, align, rows, records = ["Method"], "l", [], []
-    for m in ("Accuracy", "DEO_A", "DEO_M"):
-        header += [m, "(paper)"] if with_paper else [m]
+    for title in columns.values():
+        header += [title, "(paper)"] if with_paper else [title]
         align += "rr" if with_paper else "r"
     header.append("Runs")
     align += "r"
     for e in entries:
-        s = summarize_mfd(e.results)
+        s = summarize(e.results)
         cells, rec = [e.label], {"method": e.label, "runs": len(e.results), "planned": e.planned_runs}
-        for m in LAYOUTS["mfd"]:
+        for m in columns:
             mean, std = s.get(m, (None, None))
             cells.append(fmt(mean, std))
             rec[f"{m}_mean"], rec[f"{m}_std"] = mean, std
@@ -119,6 +121,11 @@ def mfd_table(entries: list[TableRow], with_paper: bool) -> tuple[str, list[dict
         rows.append(cells)
         records.append(rec)
     return markdown_table(header, rows, align), records
+
+
+def mfd_table(entries: list[TableRow], with_paper: bool) -> tuple[str, list[dict]]:
+    """Markdown and CSV records of the mfd layout (paper values beside the measured ones)."""
+    return mean_std_table(entries, dict(zip(LAYOUTS["mfd"], ("Accuracy", "DEO_A", "DEO_M"))), summarize_mfd, with_paper)
 
 
 def ofd_table(entries: list[TableRow], with_paper: bool) -> tuple[str, list[dict]]:
@@ -171,28 +178,8 @@ def summarize_dense(results: list[dict], layout: str) -> dict[str, tuple[float |
 def dense_table(entries: list[TableRow], layout: str, with_paper: bool) -> tuple[str, list[dict]]:
     """Markdown and CSV records of the ``seg`` or ``det`` layout: one column per metric of
     ``LAYOUTS[layout]`` (x100, mean ± std over seeds), each beside the paper's with ``with_paper``."""
-    header, align, rows, records = ["Method"], "l", [], []
-    for m in LAYOUTS[layout]:
-        header += [DENSE_COLUMNS[m], "(paper)"] if with_paper else [DENSE_COLUMNS[m]]
-        align += "rr" if with_paper else "r"
-    header.append("Runs")
-    align += "r"
-    for e in entries:
-        s = summarize_dense(e.results, layout)
-        cells, rec = [e.label], {"method": e.label, "runs": len(e.results), "planned": e.planned_runs}
-        for m in LAYOUTS[layout]:
-            mean, std = s[m]
-            cells.append(fmt(mean, std))
-            rec[f"{m}_mean"], rec[f"{m}_std"] = mean, std
-            paper = e.paper.get(m)
-            if with_paper:
-                cells.append(fmt_paper(paper))
-            parts = paper if isinstance(paper, list) else [paper]
-            rec[f"paper_{m}_mean"], rec[f"paper_{m}_std"] = parts[0], (parts[1] if len(parts) > 1 else None)
-        cells.append(e.runs)
-        rows.append(cells)
-        records.append(rec)
-    return markdown_table(header, rows, align), records
+    return mean_std_table(entries, {m: DENSE_COLUMNS[m] for m in LAYOUTS[layout]},
+                          lambda results: summarize_dense(results, layout), with_paper)
 
 
 def seg_table(entries: list[TableRow], with_paper: bool) -> tuple[str, list[dict]]:

@@ -14,14 +14,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 from ..progress import format_seconds
 from ..rundir import RunDir, write_json
 from .jobs import process_alive, this_host
 from .plan import FolderLock, RunPlan, claim_folder, describe_plan, owner_of, plan_sweep, read_marker
-from .spec import LOG, MARKER, STATUS, SweepSpec
-from .session import SweepProgress, SweepSummary, child_env, cpu_count, last_error, result_line, stop_signals
+from .spec import LOG, MARKER, SweepSpec
+from .session import SweepProgress, SweepSummary, child_env, cpu_count, drive, last_error, result_line
 from .state import describe_states, plan_states
 
 
@@ -175,23 +174,9 @@ def _run(spec: SweepSpec, plans: list[RunPlan], stream) -> SweepSummary:
     reused = sum(p.action == "skip" for p in plans)
     stream.write(f"sweep {spec.name}: {len(plans)} runs ({reused} already finished) in {spec.out}, "
                  f"{spec.jobs} at a time, {sweep.threads} thread(s) each\n")
-    t0 = time.perf_counter()
-    try:
-        with stop_signals():
-            sweep.loop()
-    except KeyboardInterrupt:
-        sweep.interrupt()
-        raise
-    finally:
-        sweep.progress.close()
-        counts = dict(Counter(p.status for p in plans))
-        problems = [f"{p.status}: {p.label}: {p.reason}" for p in plans if p.status in ("failed", "skipped", "conflict")]
-        summary = SweepSummary(len(plans), counts, problems, time.perf_counter() - t0)
-        write_json(Path(spec.out) / STATUS, {
-            "sweep": spec.name, "ended": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": summary.wall_s,
-            "jobs": spec.jobs, "threads_per_run": sweep.threads, "cpus": cpu_count(), "runs": len(plans),
-            "reused": reused, "counts": counts, "problems": problems,
-        })
+    summary = drive(sweep, spec, plans, {"jobs": spec.jobs, "threads_per_run": sweep.threads, "cpus": cpu_count(),
+                                         "runs": len(plans), "reused": reused})
+    counts, problems = summary.counts, summary.problems
     stream.write(f"sweep {spec.name}: {counts.get('done', 0)}/{len(plans)} done in {format_seconds(summary.wall_s)}"
                  + "".join(f"\n  {line}" for line in problems) + "\n")
     return summary

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from ..errors import ConfigError, RunDirError
 from ..progress import format_seconds
-from ..rundir import RunDir
+from ..rundir import RunDir, write_json
 from .plan import RunPlan
+from .spec import STATUS
 
 
 def cpu_count() -> int:
@@ -131,3 +132,25 @@ def result_line(rd: RunDir) -> str:
         return TASKS.get(result.get("task", "classification")).summary(result["final"])
     except (RunDirError, KeyError, TypeError, ConfigError) as e:
         return f"result.json damaged ({e})"
+
+
+def drive(sweep, spec, plans: list[RunPlan], record: dict) -> SweepSummary:
+    """Run ``sweep.loop()`` under :func:`stop_signals` (an interrupt calls ``sweep.interrupt()``
+    and propagates); however it ends, close its progress line and write the sweep's status file
+    (``STATUS`` in ``spec.out``: name, end time, wall time, ``record``'s fields, the runs' status
+    counts and problems)."""
+    t0 = time.perf_counter()
+    try:
+        with stop_signals():
+            sweep.loop()
+    except KeyboardInterrupt:
+        sweep.interrupt()
+        raise
+    finally:
+        sweep.progress.close()
+        counts = dict(Counter(p.status for p in plans))
+        problems = [f"{p.status}: {p.label}: {p.reason}" for p in plans if p.status in ("failed", "skipped", "conflict")]
+        summary = SweepSummary(len(plans), counts, problems, time.perf_counter() - t0)
+        write_json(Path(spec.out) / STATUS, {"sweep": spec.name, "ended": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                             "wall_s": summary.wall_s, **record, "counts": counts, "problems": problems})
+    return summary

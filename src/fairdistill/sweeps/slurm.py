@@ -37,8 +37,8 @@ from ..rundir import RunDir, write_json
 from .jobs import QUEUED, RUNNING, JobStore, local_states, this_host
 from .launcher import time_minutes
 from .plan import FolderLock, RunPlan, claim_folder, owner_of, plan_sweep, read_marker
-from .session import SweepProgress, SweepSummary, child_env, cpu_count, last_error, result_line, stop_signals
-from .spec import LOG, MARKER, STATUS, SweepSpec, slug
+from .session import SweepProgress, SweepSummary, child_env, cpu_count, drive, last_error, result_line
+from .spec import LOG, MARKER, SweepSpec, slug
 from .state import describe_states, log_tail, plan_states, run_key
 
 EXTRA = "pip install 'fairdistill[slurm]'"
@@ -385,24 +385,11 @@ def _submit(spec: SweepSpec, plans: list[RunPlan], stream) -> SweepSummary:
                  f"{f'at most {sweep.cap} at once' if sweep.cap else 'as many at once as the cluster gives'}; "
                  f"{L.tasks} task(s) each" + (f", {sweep.threads} thread(s) per task" if sweep.threads else "") + "\n")
     stream.write(describe_states(plans, states) + "\n")
-    t0 = time.perf_counter()
-    try:
-        with stop_signals():
-            sweep.loop()
-    except KeyboardInterrupt:
-        sweep.interrupt()
-        raise
-    finally:
-        sweep.progress.close()
-        counts = dict(Counter(p.status for p in plans))
-        problems = [f"{p.status}: {p.label}: {p.reason}" for p in plans if p.status in ("failed", "skipped", "conflict")]
-        summary = SweepSummary(len(plans), counts, problems, time.perf_counter() - t0)
-        write_json(Path(spec.out) / STATUS, {
-            "sweep": spec.name, "ended": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": summary.wall_s,
-            "launcher": "slurm", "cluster": L.cluster, "waited": sweep.wait, "jobs": sweep.cap or len(plans),
-            "threads_per_run": sweep.threads, "cpus": L.cpus_per_run or cpu_count(), "runs": len(plans),
-            "reused": sum(p.action == "skip" for p in plans), "counts": counts, "problems": problems,
-        })
+    summary = drive(sweep, spec, plans, {
+        "launcher": "slurm", "cluster": L.cluster, "waited": sweep.wait, "jobs": sweep.cap or len(plans),
+        "threads_per_run": sweep.threads, "cpus": L.cpus_per_run or cpu_count(), "runs": len(plans),
+        "reused": sum(p.action == "skip" for p in plans)})
+    counts, problems = summary.counts, summary.problems
     busy = counts.get("queued", 0) + counts.get("running", 0)
     stream.write(f"sweep {spec.name}: {counts.get('done', 0)}/{len(plans)} done, {busy} queued or running"
                  + (f" ({format_seconds(summary.wall_s)})" if sweep.wait else "")
