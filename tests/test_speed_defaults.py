@@ -214,3 +214,22 @@ def test_digits_s_from_the_cache_equals_the_built_set(tmp_path, monkeypatch):
     stored = np.load(next(tmp_path.glob("digits-s-train-*.npz")), allow_pickle=False)
     key = json.loads(str(stored["__key__"]))
     assert key["seed"] == 1 and key["skew"] == 0.9 and key["version"] == digits.VERSION
+
+
+def test_a_channels_last_run_stores_standard_layout_weights_and_evaluates_in_its_layout(tmp_path):
+    from pathlib import Path
+
+    from fairdistill.config import load_config
+    from fairdistill.engine import train
+    from fairdistill.engine.build import load_run_model
+    from fairdistill.engine.evaluate import evaluate_run
+    from fairdistill.packaged import packaged_dir
+
+    cfg = load_config(Path(packaged_dir("configs")) / "digits_s/scratch.yaml",
+                      ["epochs=1", "progress=false", "channels_last=auto", f"out={tmp_path / 'run'}"])
+    result = train(cfg)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(v.is_contiguous() for v in state.values())  # exportable (safetensors refuses strided tensors)
+    run = load_run_model(tmp_path / "run")
+    assert run.model.conv2.weight.is_contiguous(memory_format=torch.channels_last)  # auto on the CPU: NHWC
+    assert evaluate_run(str(tmp_path / "run"))["accuracy"] == result["final"]["accuracy"]

@@ -106,6 +106,11 @@ def content_checksum(state: dict) -> str:
     return h.hexdigest()
 
 
+WEIGHT_KEYS = ("model", "objective", "teacher_buffers")
+"""The state dicts a checkpoint stores contiguous (NCHW), so that its weights export to any format
+(safetensors refuses strided tensors) and load into a model of either memory layout."""
+
+
 def save_checkpoint(path: str | Path, state: dict, fingerprint: str | None = None) -> None:
     """Write ``state`` (every key of :data:`KEYS`) as a checkpoint of this format, atomically.
 
@@ -121,6 +126,8 @@ def save_checkpoint(path: str | Path, state: dict, fingerprint: str | None = Non
         rd = RunDir(path.parent)
         fingerprint = config_fingerprint(rd.read_config()) if rd.config.is_file() else ""
     full = {"format": FORMAT, "version": __version__, "fingerprint": fingerprint, **state}
+    for key in WEIGHT_KEYS:  # weights in the standard layout, whatever the run's (channels_last)
+        full[key] = {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in full[key].items()}
     full["checksum"] = content_checksum(full)
     atomic_write(path, lambda f: torch.save(full, f))
 

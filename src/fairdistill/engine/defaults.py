@@ -8,7 +8,8 @@ WRN-16-2 0.81, ResNet-20 0.81, PyramidNet-20 0.68 (32x32, batch 64), ResNet-18 0
 MobileNetV2 0.78, MobileNet 0.82, ShuffleNetV2 0.87 (112x112, batch 8), SSD-tiny 0.85;
 DeepLabV3+-tiny 1.07 (64x64, batch 8): stays NCHW. On CUDA ``auto`` keeps NCHW (fp32 convolutions
 gain little from NHWC; with ``amp`` it pays on tensor cores: set ``channels_last: true``).
-Models from outside the zoo (import paths, torchvision, timm) keep NCHW under ``auto``.
+A run's layout is its student's (the teacher and the terms follow it, and ``eval`` rebuilds the
+run in it); students from outside the zoo (import paths, torchvision, timm) keep NCHW under ``auto``.
 
 What the layout changes besides speed: convolutions sum in another order, so the two layouts of a
 run differ by float rounding (each is reproducible). The MFD CNN's dropout draws its mask in the

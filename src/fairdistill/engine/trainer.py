@@ -97,7 +97,7 @@ class Trainer:
         self._teacher_bn_train = self.teacher is not None and any(
             (s.cfg.teacher_bn_mode or cfg.teacher.bn_mode) == "train" for s in self.stages)
         setup_terms(self.objective, self.student, self.teacher, self.data, cfg, self.device)
-        self.channels_last = resolve_channels_last(cfg.channels_last, self.device, (self.student, self.teacher))
+        self.channels_last = resolve_channels_last(cfg.channels_last, self.device, [self.student])  # the teacher follows
         self.precision = Precision(self.device.type, cfg.amp, self.channels_last)
         if cfg.amp == "fp16":
             self.precision.scaler = torch.amp.GradScaler(self.device.type)
