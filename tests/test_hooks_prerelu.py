@@ -12,30 +12,9 @@ from torch import nn
 from fairdistill.errors import ConfigError
 from fairdistill.models import build_model
 from fairdistill.models.external import adapt, check_logits, default_stages
+from test_hooks import TorchvisionBlock  # torchvision's BasicBlock
 
 torch.set_num_threads(1)
-
-
-class TorchvisionBlock(nn.Module):
-    """torchvision's BasicBlock: one in-place ReLU module called twice, ``out += identity``."""
-
-    def __init__(self, inp: int, out: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inp, out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(out, out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out)
-        self.downsample = None
-        if stride != 1 or inp != out:
-            self.downsample = nn.Sequential(nn.Conv2d(inp, out, 1, stride, bias=False), nn.BatchNorm2d(out))
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += identity
-        return self.relu(out)
 
 
 class TinyResNet(nn.Module):

@@ -176,16 +176,22 @@ def load_images(base: Path, names: Sequence[str], size: int | None, crop: int | 
             log.warning("%s: cache %s is unreadable (%s); decoding the images again", name, target, err)
     images = decode_images([Path(base) / n for n in names], size, crop, name=name)
     if target is not None:
-        tmp = None
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-            os.close(fd)
-            torch.save(images, tmp)
-            os.replace(tmp, target)
-        except OSError as err:
-            log.warning("%s: could not write the image cache %s (%s); set cache_dir to a writable folder",
-                        name, target, err)
-            if tmp is not None and os.path.exists(tmp):
-                os.remove(tmp)
+        write_image_cache(target, images, name)
     return images
+
+
+def write_image_cache(target: Path, tensors, name: str) -> None:
+    """Store decoded ``tensors`` (a tensor or a dict of tensors; read back with
+    ``weights_only=True``) as image cache ``target``, atomically; a folder that cannot be
+    written leaves a warning naming data set ``name`` and the cache, and no temporary file."""
+    tmp = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        torch.save(tensors, tmp)
+        os.replace(tmp, target)
+    except OSError as err:
+        log.warning("%s: could not write the image cache %s (%s); set cache_dir to a writable folder", name, target, err)
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)

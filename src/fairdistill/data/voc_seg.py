@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import pickle
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,7 +43,7 @@ from ..errors import ConfigError, DataError
 from .base import DATASETS
 from .dense import DenseDataset, builds
 from .group_csv import read_group_csv
-from .images import IMAGENET_MEAN, IMAGENET_STD, cache_folder, first_few, pil, read_errors
+from .images import IMAGENET_MEAN, IMAGENET_STD, cache_folder, first_few, pil, read_errors, write_image_cache
 from .split import check_val_fraction, split_positions
 
 log = logging.getLogger(__name__)
@@ -168,17 +167,7 @@ def load_pairs(items, name: str, cache_dir: Path | None):
         blob = {"shapes": torch.tensor([tuple(m.shape) for m in masks], dtype=torch.long).view(-1, 2),
                 "images": torch.cat([i.reshape(-1) for i in images]) if images else torch.zeros(0, dtype=torch.uint8),
                 "masks": torch.cat([m.reshape(-1) for m in masks]) if masks else torch.zeros(0, dtype=torch.uint8)}
-        tmp = None
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-            os.close(fd)
-            torch.save(blob, tmp)
-            os.replace(tmp, target)
-        except OSError as err:
-            log.warning("%s: could not write the image cache %s (%s); set cache_dir to a writable folder", name, target, err)
-            if tmp is not None and os.path.exists(tmp):
-                os.remove(tmp)
+        write_image_cache(target, blob, name)
     return images, masks
 
 
