@@ -200,6 +200,9 @@ def test_segmentation_demo_trains_its_four_rows_and_tabulates_their_results(tmp_
             assert cell == (f"{100 * final[key]:.2f}" if final[key] == final[key] else "n/a"), (row, key)
     assert [c.strip() for c in lines[-1].strip("|").split("|")][0] == "OFD" and len(lines) == 6
     assert not (out / "teacher").exists()  # dense demos keep to OUT/<task>/
+    assert main(["demo", "--task", "segmentation", "--out", str(out), *TINY]) == 0  # reuses the finished runs
+    again = capsys.readouterr()
+    assert [line for line in again.out.splitlines() if line.startswith("|")] == lines and "damaged" not in again.err
 
 
 DET = ROOT / "configs" / "digits_s_det"

@@ -134,3 +134,30 @@ def test_detection_trains_from_a_config_and_reports_group_ap(tmp_path):
     assert len(result["final"]["map_by_group"]) == 2 and math.isfinite(result["final"]["loss"])
     record = json.loads((tmp_path / "det" / "metrics.jsonl").read_text().splitlines()[0])
     assert {"loc", "conf", "loss"} <= set(record["train"])
+
+
+@pytest.mark.parametrize("task, head", [("classification", "accuracy"), ("segmentation", "miou"), ("detection", "map"),
+                                        (None, "accuracy")])
+def test_a_finished_run_reads_back_by_its_tasks_headline_metric(tmp_path, task, head):
+    """result.json's ``final`` must hold the task's headline metric in [0, 1] (a run of a dense
+    task has no accuracy; one written before the task layer has no ``task``)."""
+    from fairdistill.errors import RunDirError
+    from fairdistill.rundir import RunDir
+
+    rd = RunDir(tmp_path)
+
+    def write(final, **extra):
+        body = {"final": final, **({"task": task} if task else {}), **extra}
+        (tmp_path / "result.json").write_text(json.dumps(body))
+
+    write({head: 0.5, "deo_a": 0.1, "deo_m": 0.2})
+    assert rd.read_result()["final"][head] == 0.5
+    write({head: 1.5, "deo_a": 0.1, "deo_m": 0.2})
+    with pytest.raises(RunDirError, match=rf"damaged \(final {head} 1.5 is outside \[0, 1\]\)"):
+        rd.read_result()
+    write({"deo_a": 0.1, "deo_m": 0.2})
+    with pytest.raises(RunDirError, match=rf"final {head} is None"):
+        rd.read_result()
+    write({head: 0.5, "deo_a": 0.1, "deo_m": 0.2}, task="pose")
+    with pytest.raises(RunDirError, match="unknown task 'pose'"):
+        rd.read_result()

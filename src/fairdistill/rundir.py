@@ -114,6 +114,11 @@ def read_json(path: Path, what: str = "") -> dict:
 # ----------------------------------------------------------------------------- the run directory
 
 
+HEADLINE = {"classification": "accuracy", "segmentation": "miou", "detection": "map"}
+"""Task (``result.json``'s ``task``; classification when absent, as in runs made before the
+task layer) -> the headline metric that a finished run's ``final`` must hold, in [0, 1]."""
+
+
 class RunDir:
     """A run directory: its files, its state (started, finished, being written) and its lock."""
 
@@ -225,11 +230,13 @@ class RunDir:
             raise RunDirError(f"{self.path} holds no finished run (no result.json)")
         result = read_json(self.result)
         final = result.get("final")
-        bad = "no 'final' metrics" if not isinstance(final, dict) else next(
-            (f"final {k} is {final.get(k)!r}" for k in ("accuracy", "deo_a", "deo_m")
-             if not (isinstance(final.get(k), (int, float)) and not isinstance(final.get(k), bool))), None)
-        if bad is None and not 0.0 <= final["accuracy"] <= 1.0 and not math.isnan(final["accuracy"]):
-            bad = f"final accuracy {final['accuracy']!r} is outside [0, 1]"
+        head = HEADLINE.get(result.get("task", "classification"))
+        bad = "no 'final' metrics" if not isinstance(final, dict) else \
+            f"unknown task {result.get('task')!r}" if head is None else next(
+                (f"final {k} is {final.get(k)!r}" for k in (head, "deo_a", "deo_m")
+                 if not (isinstance(final.get(k), (int, float)) and not isinstance(final.get(k), bool))), None)
+        if bad is None and not 0.0 <= final[head] <= 1.0 and not math.isnan(final[head]):
+            bad = f"final {head} {final[head]!r} is outside [0, 1]"
         if bad:
             raise RunDirError(f"{self.result} is damaged ({bad}); remove it and run `fairdistill train --resume "
                               f"{self.path}` to write it again from the checkpoint")
