@@ -89,8 +89,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
 
 def test_every_committed_spec_is_valid():
     specs = sorted((ROOT / "specs").glob("*.yaml"))
-    assert {p.stem for p in specs} >= {"digits_s_mfd", "mfd_cifar10s", "mfd_utkface", "mfd_celeba", "ofd_cifar100",
-                                       "ofd_table1", "ofd_table2"}
+    assert {p.stem for p in specs} >= {"digits_s_mfd", "digits_s_ofd", "digits_s_seg", "mfd_cifar10s", "mfd_utkface",
+                                       "mfd_celeba", "ofd_cifar100", "ofd_table1", "ofd_table2"}
     import os
     cwd = os.getcwd()
     os.chdir(ROOT)  # spec paths are relative to the repository root
