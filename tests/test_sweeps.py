@@ -178,7 +178,10 @@ def test_stop_ends_a_running_process():
 
     from fairdistill.sweeps import stop
 
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # the child takes SIGINT as Python's default even when the tests run with it ignored (a
+    # background job of a non-interactive shell inherits SIG_IGN)
+    child = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                              "signal.signal(signal.SIGINT, signal.default_int_handler); time.sleep(60)"])
     t0 = time.perf_counter()
     stop(child)  # 2 s of grace, then SIGINT: KeyboardInterrupt ends it
     assert child.returncode not in (None, 0) and time.perf_counter() - t0 < 10
