@@ -19,11 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-try:  # the command line's allocator settings (fairdistill/allocator.py), before torch allocates
-    from fairdistill.allocator import configure as configure_allocator
-except ImportError:  # a checkout without it: glibc's defaults (or the MALLOC_* variables set outside)
-    configure_allocator = None
-ALLOCATOR = configure_allocator() if configure_allocator is not None else "glibc defaults"
+from fairdistill.allocator import configure  # the command line's malloc settings, before torch allocates
+
+ALLOCATOR = configure()
 
 import torch  # noqa: E402
 

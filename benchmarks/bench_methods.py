@@ -29,11 +29,9 @@ import sys
 import time
 from pathlib import Path
 
-try:  # the command line's allocator settings (fairdistill/allocator.py), before torch allocates
-    from fairdistill.allocator import configure as configure_allocator
-except ImportError:  # a checkout without it: glibc's defaults (or the MALLOC_* variables set outside)
-    configure_allocator = None
-ALLOCATOR = configure_allocator() if configure_allocator is not None else "glibc defaults"
+from fairdistill.allocator import configure  # the command line's malloc settings, before torch allocates
+
+ALLOCATOR = configure()
 
 import torch  # noqa: E402
 
@@ -107,6 +105,17 @@ def method_config(preset: str, overrides: dict, optim: dict, stage: int = 0) -> 
     return from_dict(RunConfig, {**data, "optim": optim})
 
 
+def floors(teacher, x, plain) -> dict:
+    """The floor (teacher forward without grad + ``plain`` student step) under two names: timed
+    twice per round, ``floor2`` / ``floor`` is the noise control."""
+    def floor():
+        with torch.no_grad():
+            teacher(x)
+        plain()
+
+    return {"floor": floor, "floor2": floor}
+
+
 def mfd_family(args) -> dict:
     torch.manual_seed(0)
     student = build_model("mfd-cnn", 10).train()
@@ -116,18 +125,7 @@ def mfd_family(args) -> dict:
     g = (torch.arange(args.batch) // 10) % 2
     optim = {"name": "adam", "lr": 0.001}
     plain = stepper(from_dict(RunConfig, {"optim": optim}), student, teacher, x, y, g, num_classes=10, num_groups=2)
-
-    def floor():
-        with torch.no_grad():
-            teacher(x)
-        plain()
-
-    def floor2():
-        with torch.no_grad():
-            teacher(x)
-        plain()
-
-    fns = {"plain": plain, "floor": floor, "floor2": floor2}
+    fns = {"plain": plain, **floors(teacher, x, plain)}
     for name, (preset, overrides, _) in MFD_FAMILY.items():
         if args.only and name not in args.only:
             continue
@@ -152,18 +150,7 @@ def ofd_pair(args, channels_last: bool = False) -> dict:
     precision = Precision("cpu", channels_last=channels_last)
     plain = stepper(from_dict(RunConfig, {"optim": optim}), student, teacher, x, y, g, precision=precision)
     ofd = stepper(method_config("ofd", {}, optim), student, teacher, x, y, g, precision=precision)
-
-    def floor():
-        with torch.no_grad():
-            teacher(x)
-        plain()
-
-    def floor2():
-        with torch.no_grad():
-            teacher(x)
-        plain()
-
-    return {"floor": floor, "floor2": floor2, "ofd": ofd}
+    return {**floors(teacher, x, plain), "ofd": ofd}
 
 
 def main(argv=None) -> None:
